@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The one set-up command (README): system tools + a virtualenv holding tgdp and all its dependencies.
+# Safe to re-run; works on a fresh Debian machine as root (CI) and skips apt when not root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# FFmpeg's command-line tool: the baseline that the make_shards benchmark and the fbank parity test
+# compare against (the official preprocessing shells out to `ffmpeg`). Our own decoding uses PyAV,
+# which bundles its own FFmpeg libraries.
+if ! command -v ffmpeg >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null
+  else
+    echo "setup: ffmpeg not found and cannot apt-get install it (not root); install ffmpeg yourself" >&2
+    exit 1
+  fi
+fi
+
+PYTHON="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+.venv/bin/python -c "import tgdp, torch, torchaudio, av, webdataset, decord, deepspeed, accelerate, submitit, wandb, timm; print('tgdp set-up OK: torch', torch.__version__)"

@@ -1,0 +1,1 @@
+"""Data: the shard format, audio features, clip extraction, and the streaming loader."""

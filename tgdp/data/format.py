@@ -1,0 +1,231 @@
+"""The tgdp shard format: one home for member names, the safe fbank codec and the shard index.
+
+A sample is a group of tar members sharing a key (WebDataset convention `<key>.<ext>`):
+
+    <key>.fbank.npy      float16 [frames, 128] un-normalised Kaldi log-mel (NumPy .npy, no pickle)
+    <key>.frame_00.jpg   16 JPEG frames, short side `frame_size` px (default 224), aspect kept
+    ...
+    <key>.frame_15.jpg
+    <key>.json           labels and metadata (see `make_meta`)
+
+Plain `webdataset` reads it without tgdp (`wds.WebDataset(url).decode("rgb")`). See docs/data.md.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = "tgdp-shards/1"
+FBANK_EXT = "fbank.npy"
+META_EXT = "json"
+INDEX_NAME = "index.json"
+SIZES_NAME = "sizes.json"  # open_clip / webdataset convention: {shard file name: sample count}
+REPORT_NAME = "report.json"
+NUM_FRAMES = 16
+
+
+def frame_ext(k: int) -> str:
+    """Member extension of frame `k`: two digits, as the TG-DP packer numbers its frames."""
+    return f"frame_{k:02d}.jpg"
+
+
+_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-]")
+
+
+def sanitise_key(raw: str) -> str:
+    """A WebDataset-safe key: WebDataset splits a member name at the FIRST dot of its basename and
+    treats `/` as a directory, so keys keep only letters, digits, `_` and `-` (the original id
+    stays in the sample's json)."""
+    key = _UNSAFE_KEY_CHARS.sub("_", raw.strip())
+    return key or "_"
+
+
+class SampleFormatError(ValueError):
+    """A shard member that does not follow the tgdp format (reported with its shard and key)."""
+
+
+def encode_fbank(fbank: np.ndarray) -> bytes:
+    """Serialise an fbank `[frames, 128]` as float16 .npy bytes (never pickled)."""
+    arr = np.ascontiguousarray(fbank, dtype=np.float16)
+    if arr.ndim != 2:
+        raise SampleFormatError(f"fbank must be 2-D [frames, mel], got shape {arr.shape}")
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class NpyView:
+    """A parsed .npy header: enough to slice rows straight out of the bytes without a full copy."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    offset: int
+
+
+def parse_npy_header(data: bytes) -> NpyView:
+    """Parse a .npy header; refuse object arrays (which would need pickle) and Fortran order."""
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+    except ValueError as exc:
+        raise SampleFormatError(f"not a .npy array: {exc}") from exc
+    if dtype.hasobject:
+        raise SampleFormatError("object arrays need pickle and are refused")
+    if fortran:
+        raise SampleFormatError("Fortran-ordered arrays are not written by tgdp")
+    return NpyView(tuple(shape), dtype, stream.tell())
+
+
+def decode_fbank(data: bytes, start: int = 0, end: int | None = None, num_mel_bins: int = 128) -> np.ndarray:
+    """Rows `[start, end)` (clipped to what exists) of a stored fbank as float32, validated.
+
+    Reads only the requested rows from the buffer; raises `SampleFormatError` for a wrong dtype,
+    shape, truncated payload or non-finite values, so the loader can skip and log the sample.
+    """
+    view = parse_npy_header(data)
+    if len(view.shape) != 2 or view.shape[1] != num_mel_bins:
+        raise SampleFormatError(f"fbank shape {view.shape}, expected [frames, {num_mel_bins}]")
+    if view.dtype not in (np.dtype(np.float16), np.dtype(np.float32)):
+        raise SampleFormatError(f"fbank dtype {view.dtype}, expected float16")
+    rows = view.shape[0]
+    expected = view.offset + rows * num_mel_bins * view.dtype.itemsize
+    if len(data) < expected:
+        raise SampleFormatError(f"fbank payload truncated ({len(data)} of {expected} bytes)")
+    end = rows if end is None else min(end, rows)
+    start = min(max(start, 0), end)
+    row_bytes = num_mel_bins * view.dtype.itemsize
+    arr = np.frombuffer(
+        data, dtype=view.dtype, count=(end - start) * num_mel_bins, offset=view.offset + start * row_bytes
+    ).reshape(end - start, num_mel_bins)
+    out = arr.astype(np.float32)
+    if not np.isfinite(out).all():
+        raise SampleFormatError("fbank holds NaN or inf")
+    return out
+
+
+def fbank_num_rows(data: bytes) -> int:
+    """Number of stored fbank frames, from the header alone."""
+    return parse_npy_header(data).shape[0]
+
+
+def make_meta(
+    *,
+    key: str,
+    video_id: str,
+    labels: list[str],
+    source: str,
+    num_frames: int,
+    fbank_frames: int,
+    has_audio: bool,
+    duration: float | None = None,
+    fps: float | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    sample_rate: int | None = None,
+    channels: int | None = None,
+    frame_times: list[float] | None = None,
+) -> dict[str, Any]:
+    """The per-sample json: labels plus what a user needs to trace a sample to its source."""
+    return {
+        "key": key,
+        "video_id": video_id,
+        "labels": list(labels),
+        "source": source,
+        "num_frames": num_frames,
+        "fbank_frames": fbank_frames,
+        "has_audio": has_audio,
+        "duration": duration,
+        "fps": fps,
+        "width": width,
+        "height": height,
+        "sample_rate": sample_rate,
+        "channels": channels,
+        "frame_times": frame_times,
+    }
+
+
+# ----------------------------------------------------------------------------- shard index
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One finished shard as the index records it."""
+
+    name: str
+    samples: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """The index beside a shard set: per-shard sample counts and the parameters of the run."""
+
+    root: Path
+    shards: tuple[ShardInfo, ...]
+    params: dict[str, Any]
+
+    @property
+    def total_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    @property
+    def urls(self) -> list[str]:
+        return [str(self.root / s.name) for s in self.shards]
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON to `path` through a temporary file and an atomic rename (never half-written)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(payload, fh, indent=1, ensure_ascii=False)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_index(root: Path, shards: list[ShardInfo], params: dict[str, Any]) -> None:
+    """Write `index.json` and the open_clip-style `sizes.json` beside the shards."""
+    root = Path(root)
+    write_json_atomic(
+        root / INDEX_NAME,
+        {
+            "format": FORMAT_VERSION,
+            "total_samples": sum(s.samples for s in shards),
+            "shards": [{"name": s.name, "samples": s.samples, "bytes": s.bytes} for s in shards],
+            "params": params,
+        },
+    )
+    write_json_atomic(root / SIZES_NAME, {s.name: s.samples for s in shards})
+
+
+def read_index(path: str | Path) -> ShardIndex:
+    """Read a shard index (a folder holding `index.json`, or the file itself), validated."""
+    path = Path(path)
+    file = path / INDEX_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"no shard index at {file}: pass the folder written by data_tools/make_shards.py "
+            f"(it holds {INDEX_NAME} beside the .tar shards)"
+        )
+    with open(file, encoding="utf-8") as fh:
+        payload = json.load(fh)
+    if payload.get("format") != FORMAT_VERSION:
+        raise SampleFormatError(f"{file}: format {payload.get('format')!r}, expected {FORMAT_VERSION!r}")
+    try:
+        shards = tuple(ShardInfo(str(s["name"]), int(s["samples"]), int(s["bytes"])) for s in payload["shards"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SampleFormatError(f"{file}: malformed shard entry ({exc})") from exc
+    return ShardIndex(root=file.parent, shards=shards, params=dict(payload.get("params", {})))
