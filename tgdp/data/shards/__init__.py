@@ -1,0 +1,1 @@
+"""make_shards: raw videos (or CAV-MAE pre-extracted data) -> tgdp WebDataset shards."""

@@ -1,0 +1,155 @@
+"""The make_shards run: plan -> parallel extraction -> ordered shard writing -> index + report."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from tgdp.config import to_dict
+from tgdp.data.format import FORMAT_VERSION, REPORT_NAME, ShardInfo, write_index, write_json_atomic
+from tgdp.data.shards.config import ShardingConfig
+from tgdp.data.shards.extract import ClipError, extract_clip
+from tgdp.data.shards.sources import Clip, read_clips
+from tgdp.data.shards.writer import (
+    Journal,
+    JournalEntry,
+    RollingShardWriter,
+    plan_fingerprint,
+    remove_stale_temporaries,
+    sample_size,
+)
+
+log = logging.getLogger("tgdp.make_shards")
+
+# Parameters that change the bytes of the output; anything else (workers, progress) may differ
+# between a run and its resume.
+_OUTPUT_PARAMS = ("prefix", "clip_seconds", "seed", "shuffle", "max_samples_per_shard", "max_bytes_per_shard",
+                  "frames", "audio")
+
+
+@dataclass
+class RunResult:
+    shards: list[ShardInfo]
+    failures: list[dict[str, str]]
+    resumed_from_shard: int
+    total_clips: int
+    output: Path
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+
+def make_plan(clips: list[Clip], cfg: ShardingConfig) -> list[Clip]:
+    """Clip order of the shard set: the manifest order, shuffled with the seed."""
+    order = list(clips)
+    if cfg.shuffle:
+        random.Random(cfg.seed).shuffle(order)
+    return order
+
+
+def _init_worker() -> None:
+    # One process per core already; intra-op threads would only oversubscribe the cores.
+    torch.set_num_threads(1)
+
+
+def _extract(job: tuple[Clip, ShardingConfig]) -> tuple[dict[str, bytes] | None, dict[str, str] | None]:
+    clip, cfg = job
+    try:
+        return extract_clip(clip, cfg), None
+    except ClipError as exc:
+        return None, _failure(clip, str(exc))
+    except Exception as exc:  # noqa: BLE001 - one bad input must never stop the run; it is reported
+        return None, _failure(clip, f"unexpected {type(exc).__name__}: {exc}")
+
+
+def _failure(clip: Clip, reason: str) -> dict[str, str]:
+    return {"key": clip.key, "video_id": clip.video_id, "source": clip.source, "reason": reason}
+
+
+def _results(plan: list[Clip], start: int, cfg: ShardingConfig) -> Iterator[tuple]:
+    jobs = ((clip, cfg) for clip in plan[start:])
+    workers = cfg.workers or os.cpu_count() or 1
+    if workers == 1:
+        _init_worker()
+        yield from map(_extract, jobs)
+        return
+    ctx = mp.get_context(cfg.start_method)
+    with ctx.Pool(workers, initializer=_init_worker) as pool:
+        # imap keeps plan order, so the shard set does not depend on worker timing.
+        yield from pool.imap(_extract, jobs, chunksize=1)
+
+
+def make_shards(cfg: ShardingConfig) -> RunResult:
+    """Run (or resume) a sharding job; see data_tools/make_shards.py for the command line."""
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    clips = read_clips(cfg.input)
+    plan = make_plan(clips, cfg)
+    params = {k: v for k, v in to_dict(cfg).items() if k in _OUTPUT_PARAMS}
+    journal = Journal(out, plan_fingerprint([c.key + "\0" + c.source for c in plan], params))
+    journal.load_or_start()
+    notes = [f"removed unfinished shard {n}" for n in remove_stale_temporaries(out)]
+    done = journal.entries
+    start = done[-1].plan_end if done else 0
+    if done:
+        missing = [e.shard.name for e in done if e.shard.samples and not (out / e.shard.name).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{out}: finished shards {missing} are gone; delete {out} (or its journal) to rebuild from scratch"
+            )
+        notes.append(f"resuming after {len(done)} finished shards ({start} of {len(plan)} clips done)")
+    for note in notes:
+        log.info(note)
+
+    writer = RollingShardWriter(out, cfg.prefix, cfg.max_samples_per_shard, cfg.max_bytes_per_shard, len(done))
+    pending_failures: list[dict[str, str]] = []
+    position = start
+    failed = sum(len(e.failures) for e in done)
+    bar = tqdm(total=len(plan), initial=start, unit="clip", disable=not cfg.progress, dynamic_ncols=True,
+               desc=f"sharding -> {out.name}")
+    with logging_redirect_tqdm():
+        try:
+            for sample, failure in _results(plan, start, cfg):
+                if failure is not None:
+                    pending_failures.append(failure)
+                    failed += 1
+                    log.warning("skipped %s: %s", failure["source"], failure["reason"])
+                else:
+                    if writer.would_overflow(sample_size(sample)):
+                        journal.record(JournalEntry(writer.finish(), position, pending_failures))
+                        pending_failures = []
+                    writer.write(sample)
+                position += 1
+                bar.update(1)
+                bar.set_postfix(shards=writer.index, unusable=failed, refresh=False)
+            info = writer.finish()
+            if info is not None or pending_failures:
+                journal.record(JournalEntry(info or ShardInfo("", 0, 0), position, pending_failures))
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            bar.close()
+
+    shards = [e.shard for e in journal.entries if e.shard.samples]
+    failures = [f for e in journal.entries for f in e.failures]
+    run_params = {"format": FORMAT_VERSION, **to_dict(cfg)}
+    if shards:
+        write_index(out, shards, run_params)
+    write_json_atomic(
+        out / REPORT_NAME,
+        {"input": cfg.input, "clips": len(plan), "samples": sum(s.samples for s in shards),
+         "shards": len(shards), "failed": len(failures), "failures": failures},
+    )
+    return RunResult(shards, failures, len(done), len(plan), out, notes)
