@@ -105,6 +105,7 @@ class RollingShardWriter:
         self._tar: wds.TarWriter | None = None
         self._stream = None
         self.samples = 0
+        self._content = 0  # tar bytes of the samples in the open shard
 
     @property
     def name(self) -> str:
@@ -114,15 +115,18 @@ class RollingShardWriter:
         """True when this sample should go into a new shard (never leaves a shard empty)."""
         if self._tar is None or self.samples == 0:
             return False
-        return self.samples >= self.max_samples or self._stream.tell() + sample_bytes > self.max_bytes
+        # tarfile's stream mode buffers, so the file position lags: count the bytes ourselves.
+        return self.samples >= self.max_samples or _closed_tar_size(self._content + sample_bytes) > self.max_bytes
 
     def write(self, sample: dict[str, bytes]) -> None:
         if self._tar is None:
             self._stream = open(self.root / (self.name + ".tmp"), "wb")
-            # fixed mtime: a resumed run rewrites a shard byte-for-byte identically
-            self._tar = wds.TarWriter(self._stream, mtime=0.0, mode=0o644)
+            # A fixed INTEGER mtime: a resumed run rewrites a shard byte-for-byte identically, and a
+            # float (webdataset's default, time.time()) costs a 1 KB PAX header on every member.
+            self._tar = wds.TarWriter(self._stream, mtime=0, mode=0o644)
         self._tar.write(sample)
         self.samples += 1
+        self._content += sample_size(sample)
 
     def finish(self) -> ShardInfo | None:
         """Close the current shard durably and rename it to its final name."""
@@ -136,7 +140,7 @@ class RollingShardWriter:
         os.replace(self.root / (self.name + ".tmp"), self.root / self.name)
         _fsync_dir(self.root)
         info = ShardInfo(self.name, self.samples, size)
-        self._tar, self._stream, self.samples = None, None, 0
+        self._tar, self._stream, self.samples, self._content = None, None, 0, 0
         self.index += 1
         return info
 
@@ -145,12 +149,19 @@ class RollingShardWriter:
         if self._stream is not None:
             self._stream.close()
             (self.root / (self.name + ".tmp")).unlink(missing_ok=True)
-        self._tar, self._stream, self.samples = None, None, 0
+        self._tar, self._stream, self.samples, self._content = None, None, 0, 0
 
 
 def sample_size(sample: dict[str, bytes]) -> int:
-    """Bytes a sample adds to a tar: 512-byte header + payload rounded up to 512, per member."""
+    """Bytes a sample adds to a tar: 512-byte header + payload rounded up to 512, per member
+    (member names over 100 characters add a long-name header; keys are kept short enough)."""
     return sum(512 + (len(v) + 511) // 512 * 512 for k, v in sample.items() if not k.startswith("__"))
+
+
+def _closed_tar_size(content_bytes: int) -> int:
+    """Size of the tar once closed: two zero blocks, then padding to tarfile's 10240-byte records."""
+    record = tarfile.RECORDSIZE
+    return (content_bytes + 2 * tarfile.BLOCKSIZE + record - 1) // record * record
 
 
 def remove_stale_temporaries(root: Path) -> list[str]:

@@ -1,0 +1,43 @@
+"""Shared fixtures: a small corpus of REAL video files and the shards made from it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_tool(script: str, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a data_tools script the way a user does (a real process, from the repo root)."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "data_tools" / script), *map(str, args)],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """12 ten-second h264+aac clips (160x120) whose sound and picture share hidden factors."""
+    from tgdp.data.synthetic import make_corpus
+
+    return make_corpus(tmp_path_factory.mktemp("corpus"), num_clips=12, num_classes=3, duration=10.0, seed=7)
+
+
+@pytest.fixture(scope="session")
+def corpus_shards(corpus, tmp_path_factory) -> Path:
+    """The corpus sharded by make_shards (4 clips per shard -> 3 shards)."""
+    out = tmp_path_factory.mktemp("shards")
+    run_tool("make_shards.py", "--input", corpus, "--output", out, "--workers", "2", "max_samples_per_shard=4",
+             "progress=false")
+    return out
