@@ -113,6 +113,7 @@ def test_odd_and_broken_inputs(tmp_path):
     assert "empty" in reasons["broken_empty"]
     assert "no audio" in reasons["broken_no_audio"]
     assert "no video" in reasons["broken_audio_only"]
+    assert "truncated" in reasons["broken_truncated_midway"]
     for s in samples.values():
         meta = s["json"]
         assert meta["num_frames"] == 16 and min(s["frame_00.jpg"].shape[:2]) == 224

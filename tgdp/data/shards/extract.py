@@ -90,11 +90,14 @@ def decode_video(path: str, cfg: ShardingConfig) -> DecodedClip:
         times = target_times(duration if duration else cfg.clip_seconds, fps, cfg.frames.count, cfg.clip_seconds)
         width, height = vstream.codec_context.width, vstream.codec_context.height
         try:
-            frames, frame_times, wave = _demux(container, vstream, astream, times, cfg)
+            frames, frame_times, wave, last_time = _demux(container, vstream, astream, times, cfg)
         except av.FFmpegError as exc:
             raise ClipError(f"decoding failed ({type(exc).__name__}: {exc})") from exc
         if not frames:
             raise ClipError("no decodable video frames")
+        covered = min(duration or 0.0, cfg.clip_seconds)
+        if last_time is not None and last_time + 1.0 / fps < covered - 0.5:
+            raise ClipError(f"truncated: video data ends at {last_time:.2f} s of a declared {duration:.2f} s")
         if astream is not None and (wave is None or wave.size < 400):
             if cfg.audio.no_audio == "skip":
                 raise ClipError("audio track holds no decodable samples (policy audio.no_audio=skip)")
@@ -179,7 +182,7 @@ def _demux(container, vstream, astream, times: np.ndarray, cfg: ShardingConfig):
         for out in resampler.resample(None):
             chunks.append(out.to_ndarray()[0])
     wave = np.concatenate(chunks)[:max_audio].astype(np.float32) if chunks else None
-    return picked, picked_times, wave
+    return picked, picked_times, wave, (prev[0] if prev is not None else None)
 
 
 def load_preextracted(clip: Clip, cfg: ShardingConfig) -> DecodedClip:
