@@ -1,0 +1,384 @@
+"""The streaming WebDataset loader: config, per-worker streams and the resumable `ShardLoader`.
+
+Pipeline of one worker (a pure function of seed, epoch, rank and worker, see sampling.py):
+
+    shards (epoch: its disjoint slice, cycled; resampled: drawn with replacement)
+      -> tar members (webdataset's tar iterator; only fbank.npy / frame_XX.jpg / json are read)
+      -> samples grouped by key -> shuffle buffer of RAW bytes -> skip (resume) -> decode -> batch
+
+Usage:
+
+    loader = ShardLoader(cfg, rank, world_size)
+    for epoch in ...:
+        for batch in loader:    # the rest of the current epoch, then the epoch counter advances
+            ...
+        checkpoint["data"] = loader.state_dict()   # any time, also mid-epoch
+
+Batches (collated inside the worker; B = batch_size, F = num_frames, T = audio_frames, S = frame_size):
+
+    audio          float32 [B, T, 128]        retrieval: [B, F, T, 128]   normalised fbank windows
+    frames         float32 [B, 3, S, S]       retrieval: [B, F, 3, S, S]  ImageNet-normalised
+    frame_index    int64   [B]                retrieval: [B, F]           frame k of each pair
+    keys           list[str]; labels: list[list[str]] (from the sample json)
+    label_targets  float32 [B, C] multi-hot   only with data.label_csv (unknown labels: warned once)
+    skipped        int: corrupt samples its worker skipped so far this epoch (rank total: `.skipped`)
+
+Exact resume: a batch carries its worker's stream position (raw samples consumed after the
+shuffle). The loader records the position of the last batch it handed out per worker; a new loader
+with the same layout replays each worker's stream and skips that many raw samples without decoding
+them, so the following batches are bitwise those of an uninterrupted run.
+
+State dict: {version, epoch, batches (consumed in the epoch), batches_per_epoch, seed, rank,
+world_size, num_workers (streams, min 1), batch_size, mode, split, total_samples,
+workers: [{batches, position, skipped, shard_errors} per worker], skipped, shard_errors} - plain ints
+and strings. num_workers=0 and 1 give the same single stream, so their states are interchangeable.
+
+Layout changes (world_size, num_workers, batch_size, mode, split or the data's size differ from the
+checkpoint): streams are different, so an exact continuation does not exist. `on_layout_change`
+decides: "fast_forward" (default) keeps the epoch and skips the same FRACTION of it in the new
+layout (the epoch keeps its sample budget and ends on schedule; which samples fall in the skipped
+part differs); "restart" replays the epoch from its first batch; "error" refuses. A warning names
+the differences. A state from another rank with the same layout keeps epoch and batch count but
+derives positions assuming no corrupt samples (exact unless that rank skipped some).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import multiprocessing as mp
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from tgdp.config import ConfigError
+from tgdp.data import sampling as S
+from tgdp.data.transforms import SAMPLE_ERRORS, LabelVocab, SampleDecoder, collate
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+MODES = ("resampled", "epoch")
+SPLITS = ("train", "eval", "retrieval")
+LAYOUT_POLICIES = ("fast_forward", "restart", "error")
+START_METHODS = ("forkserver", "spawn", "fork")
+# A worker that sees this many corrupt samples in a row is reading systematically wrong data
+# (e.g. shards of another format); stop instead of spinning forever.
+MAX_CONSECUTIVE_BAD = 1000
+
+
+@dataclass
+class AugmentConfig:
+    """Train-time augmentations (method.md 2.4 step 6, 2.5); all off by default as in pre-training."""
+
+    random_resized_crop: bool = False
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [0.9, 1.1])
+    hflip: bool = False  # with probability 0.5
+    freqm: int = 0  # SpecAugment frequency mask width bound (mel bins); CAV-MAE fine-tuning used 48
+    timem: int = 0  # SpecAugment time mask width bound (frames); CAV-MAE fine-tuning used 192
+    time_shift: float = 0.0  # circular time shift of up to +-fraction of the window
+
+
+@dataclass
+class DataConfig:
+    """The streaming loader's settings (preset: tgdp/configs/data/default.yaml)."""
+
+    shards: str = ""  # a shard folder holding index.json, or several joined with ","
+    mode: str = "resampled"  # "resampled" (with replacement, virtual epochs) or "epoch" (each shard once)
+    split: str = "train"  # "train" (random frame), "eval" (eval_frame), "retrieval" (all frames)
+    batch_size: int = 32  # per rank
+    num_workers: int = 4  # 0 = decode in the training process
+    shuffle_buffer: int = 500  # raw samples per worker, ~0.5-0.8 MB each at 224 px / 998 rows; <=1 = off
+    shuffle_initial: int = 100  # start emitting after this many (shorter start-up, as webdataset)
+    seed: int = 0
+    samples_per_epoch: int = 0  # 0 = the index's total; set to define shorter/longer virtual epochs
+    num_frames: int = 16  # frames per stored sample; others are skipped as corrupt
+    audio_frames: int = 416  # window length (T); = full_frames for the CAV-MAE whole-clip protocol
+    full_frames: int = 1024  # the fbank is zero-padded/truncated to this many frames (reference)
+    frame_size: int = 224
+    eval_frame: int = 5  # the frame used by split=eval (TG-DP: 5; CAV-MAE Sync: 8)
+    label_csv: str = ""  # index,mid,display_name; adds `label_targets` to batches
+    start_method: str = "forkserver"  # decoders in forked workers have deadlocked for others
+    prefetch_factor: int = 2
+    pin_memory: bool = False
+    on_layout_change: str = "fast_forward"  # resume policy, see the module docstring
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        need(bool(self.shards.strip()),
+             "data.shards is required: a shard folder holding index.json (or several, comma-separated)")
+        need(self.mode in MODES, f"data.mode must be one of {MODES}, got {self.mode!r}")
+        need(self.split in SPLITS, f"data.split must be one of {SPLITS}, got {self.split!r}")
+        need(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        need(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        need(self.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        need(self.shuffle_initial >= 1, f"data.shuffle_initial must be >= 1, got {self.shuffle_initial}")
+        need(self.seed >= 0, f"data.seed must be >= 0, got {self.seed}")
+        need(self.samples_per_epoch >= 0,
+             f"data.samples_per_epoch must be >= 0 (0 = index total), got {self.samples_per_epoch}")
+        need(1 <= self.num_frames <= 99, f"data.num_frames must be in 1..99, got {self.num_frames}")
+        need(self.full_frames >= 1, f"data.full_frames must be >= 1, got {self.full_frames}")
+        need(1 <= self.audio_frames <= self.full_frames,
+             f"data.audio_frames must be in 1..full_frames ({self.full_frames}), got {self.audio_frames}")
+        need(self.frame_size >= 1, f"data.frame_size must be >= 1, got {self.frame_size}")
+        need(0 <= self.eval_frame < self.num_frames,
+             f"data.eval_frame must be in 0..{self.num_frames - 1}, got {self.eval_frame}")
+        need(not self.label_csv or Path(self.label_csv).is_file(), f"data.label_csv {self.label_csv!r} is not a file")
+        need(self.start_method in START_METHODS,
+             f"data.start_method must be one of {START_METHODS}, got {self.start_method!r}")
+        need(self.prefetch_factor >= 1, f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
+        need(self.on_layout_change in LAYOUT_POLICIES,
+             f"data.on_layout_change must be one of {LAYOUT_POLICIES}, got {self.on_layout_change!r}")
+        a = self.augment
+        need(len(a.crop_scale) == 2 and 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1,
+             f"data.augment.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {list(a.crop_scale)}")
+        need(len(a.crop_ratio) == 2 and 0 < a.crop_ratio[0] <= a.crop_ratio[1],
+             f"data.augment.crop_ratio must be [lo, hi] with 0 < lo <= hi, got {list(a.crop_ratio)}")
+        need(0 <= a.freqm <= 128, f"data.augment.freqm must be in 0..128, got {a.freqm}")
+        need(a.timem >= 0, f"data.augment.timem must be >= 0, got {a.timem}")
+        need(0 <= a.time_shift < 1, f"data.augment.time_shift must be in [0, 1), got {a.time_shift}")
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+class _Streams(IterableDataset):
+    """The per-worker batch streams of one rank for one epoch (re-created every epoch)."""
+
+    def __init__(self, cfg: DataConfig, shards: list[S.ShardEntry], plan: S.EpochPlan, rank: int,
+                 vocab: LabelVocab | None, epoch: int, rotate: int, resume: list[S.WorkerResume]):
+        self.cfg, self.shards, self.plan, self.rank = cfg, shards, plan, rank
+        self.vocab, self.epoch, self.rotate, self.resume = vocab, epoch, rotate, resume
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        torch_id, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        # DataLoader serves workers round-robin from torch worker 0; rotating the logical ids makes
+        # a resumed loader continue with the stream that was next in the interrupted run.
+        worker = (torch_id + self.rotate) % n
+        return self._batches(worker, self.resume[worker])
+
+    def _shuffled(self, worker: int, stats: S.StreamStats) -> Iterator[dict[str, Any]]:
+        """The worker's raw samples after the shuffle buffer (infinite)."""
+        cfg, plan = self.cfg, self.plan
+        rng = random.Random(S.derive_seed(cfg.seed, self.epoch, self.rank, worker, S.TAG_BUFFER))
+
+        def read(shards: list[S.ShardEntry], counter: list[int]) -> Iterator[dict[str, Any]]:
+            for shard in shards:
+                for sample in S.read_shard(shard.url, shard.samples, stats):
+                    counter[0] += 1
+                    yield sample
+
+        if cfg.mode == "epoch":
+            mine = S.epoch_shard_slice(self.shards, cfg.seed, self.epoch, self.rank, worker,
+                                       plan.world_size, plan.streams)
+            while True:  # cycle so every worker yields exactly its quota; each pass drains the buffer
+                got = [0]  # so the whole slice comes out before any sample is repeated
+                yield from S.shuffle_buffer(read(mine, got), cfg.shuffle_buffer, rng, cfg.shuffle_initial)
+                if got[0] == 0:
+                    raise RuntimeError(f"rank {self.rank} worker {worker}: none of its shards is readable: "
+                                       f"{[s.url for s in mine]}")
+        else:
+            draws = S.resampled_shards(self.shards, cfg.seed, self.epoch, self.rank, worker)
+
+            def resampled() -> Iterator[dict[str, Any]]:
+                misses = 0
+                for shard in draws:
+                    got = [0]
+                    yield from read([shard], got)
+                    misses = 0 if got[0] else misses + 1
+                    if misses > 2 * len(self.shards) + 8:
+                        raise RuntimeError(f"rank {self.rank} worker {worker}: {misses} shard draws in a row "
+                                           "gave no sample")
+
+            yield from S.shuffle_buffer(resampled(), cfg.shuffle_buffer, rng, cfg.shuffle_initial)
+
+    def _batches(self, worker: int, resume: S.WorkerResume) -> Iterator[dict[str, Any]]:
+        cfg = self.cfg
+        stats = S.StreamStats(resume)
+        stream = self._shuffled(worker, stats)
+        position = 0
+        stats.quiet = True
+        while position < resume.position:  # replay without decoding: cheap and exact
+            next(stream)
+            position += 1
+        stats.quiet = False
+        decoder = SampleDecoder(cfg, self.vocab)
+        seen_unknown: set[str] = set()
+        for _ in range(self.plan.batches_per_stream - resume.batches):
+            items, bad_run = [], 0
+            while len(items) < cfg.batch_size:
+                raw = next(stream)
+                rng = S.sample_rng(cfg.seed, self.epoch, self.rank, worker, position)
+                position += 1
+                try:
+                    items.append(decoder(raw, rng))
+                    bad_run = 0
+                except SAMPLE_ERRORS as exc:
+                    stats.skipped += 1
+                    reason = f"{type(exc).__name__}: {exc}"
+                    stats.events.append((raw.get("__url__", "?"), raw.get("__key__", "?"), reason))
+                    bad_run += 1
+                    if bad_run >= MAX_CONSECUTIVE_BAD:
+                        raise RuntimeError(f"rank {self.rank} worker {worker}: {bad_run} corrupt samples in a row; "
+                                           f"last: {stats.events[-1]}")
+            batch = collate(items, self.vocab is not None)
+            unknown = sorted({u for s in items for u in s.unknown_labels} - seen_unknown)
+            seen_unknown.update(unknown)
+            batch.update(skipped=stats.skipped, _worker=worker, _position=position, _shard_errors=stats.shard_errors,
+                         _events=stats.events, _unknown_labels=unknown)
+            stats.events = []
+            yield batch
+
+
+# ----------------------------------------------------------------------------- main process
+
+
+class ShardLoader:
+    """The resumable per-rank loader: iterate it once per epoch; `state_dict()` at any batch."""
+
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1):
+        cfg = copy.deepcopy(cfg)  # load_state_dict may adopt the checkpoint's seed
+        cfg.validate()
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank must be in 0..world_size-1, got rank {rank} of {world_size}")
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.shards = S.load_shard_set(cfg.shards)
+        total = cfg.samples_per_epoch or sum(s.samples for s in self.shards)
+        self.plan = S.EpochPlan(total, cfg.batch_size, world_size, max(1, cfg.num_workers))
+        self.plan.check()
+        if cfg.mode == "epoch":
+            S.check_epoch_shards(len(self.shards), world_size, self.plan.streams)
+        self.vocab = LabelVocab.from_csv(cfg.label_csv) if cfg.label_csv else None
+        self.epoch = 0
+        self.batches = 0  # consumed in the current epoch
+        self._workers = [S.WorkerResume() for _ in range(self.plan.streams)]
+        self._skipped_before = 0  # totals of finished epochs (and of restored runs)
+        self._shard_errors_before = 0
+        self._unknown_labels: set[str] = set()
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (equal on every rank)."""
+        return self.plan.batches_per_rank
+
+    @property
+    def skipped(self) -> int:
+        """Corrupt samples skipped on this rank since the first epoch (restored on resume)."""
+        return self._skipped_before + sum(w.skipped for w in self._workers)
+
+    @property
+    def shard_errors(self) -> int:
+        """Missing, empty, truncated or short shard reads on this rank since the first epoch."""
+        return self._shard_errors_before + sum(w.shard_errors for w in self._workers)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Jump to the start of `epoch` (not needed in a plain loop: iteration advances it)."""
+        self._finish_epoch()
+        self.epoch = epoch
+
+    def _finish_epoch(self) -> None:
+        self._skipped_before, self._shard_errors_before = self.skipped, self.shard_errors
+        self.epoch += 1
+        self.batches = 0
+        self._workers = [S.WorkerResume() for _ in range(self.plan.streams)]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.batches >= len(self):
+            self._finish_epoch()
+        streams = self.plan.streams
+        dataset = _Streams(self.cfg, self.shards, self.plan, self.rank, self.vocab, self.epoch,
+                           self.batches % streams, [S.WorkerResume(**vars(w)) for w in self._workers])
+        for batch in DataLoader(dataset, batch_size=None, **self._loader_kwargs()):
+            self._account(batch)
+            self.batches += 1
+            if self.batches == len(self):
+                self._finish_epoch()  # so a state_dict taken now resumes at the next epoch
+            yield batch
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        cfg = self.cfg
+        kwargs: dict[str, Any] = {"num_workers": cfg.num_workers, "pin_memory": cfg.pin_memory}
+        if cfg.num_workers > 0:
+            ctx = mp.get_context(cfg.start_method)
+            if cfg.start_method == "forkserver":  # import torch & co once in the server, not per worker
+                ctx.set_forkserver_preload(["__main__", "tgdp.data.loader"])
+            kwargs.update(multiprocessing_context=ctx, prefetch_factor=cfg.prefetch_factor, persistent_workers=False)
+        return kwargs
+
+    def _account(self, batch: dict[str, Any]) -> None:
+        """Record the batch's worker position and counters; report its problems in this process
+        (worker processes have no logging configuration)."""
+        w = self._workers[batch.pop("_worker")]
+        w.batches += 1
+        w.position = batch.pop("_position")
+        w.skipped = batch["skipped"]
+        w.shard_errors = batch.pop("_shard_errors")
+        for url, key, reason in batch.pop("_events"):
+            if key:
+                log.warning("skipped corrupt sample key=%s shard=%s: %s", key, url, reason)
+            else:
+                log.warning("shard problem shard=%s: %s", url, reason)
+        for label in batch.pop("_unknown_labels"):
+            if label not in self._unknown_labels:
+                self._unknown_labels.add(label)
+                log.warning("label %r is not in data.label_csv %s; ignored", label, self.cfg.label_csv)
+
+    # ------------------------------------------------------------------------- resume
+
+    def _layout(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {"world_size": self.world_size, "num_workers": self.plan.streams, "batch_size": cfg.batch_size,
+                "mode": cfg.mode, "split": cfg.split, "total_samples": self.plan.total_samples}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain ints and strings (torch.save / DCP / json friendly)."""
+        return {
+            "version": STATE_VERSION, "epoch": self.epoch, "batches": self.batches, "seed": self.cfg.seed,
+            "rank": self.rank, "batches_per_epoch": len(self), **self._layout(),
+            "workers": [vars(w).copy() for w in self._workers],
+            "skipped": self.skipped, "shard_errors": self.shard_errors,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data loader state version {state.get('version')!r}, expected {STATE_VERSION}")
+        if state["seed"] != self.cfg.seed:
+            log.warning("data.seed %d differs from the checkpoint's %d: using the checkpoint's to resume exactly",
+                        self.cfg.seed, state["seed"])
+            self.cfg.seed = int(state["seed"])
+        self.epoch, batches = int(state["epoch"]), int(state["batches"])
+        total_skipped, total_shard_errors = int(state["skipped"]), int(state["shard_errors"])
+        changed = {k: (state.get(k), v) for k, v in self._layout().items() if state.get(k) != v}
+        streams = self.plan.streams
+        if not changed and int(state["rank"]) == self.rank:
+            self.batches = batches
+            self._workers = [S.WorkerResume(**w) for w in state["workers"]]
+        else:
+            if changed:
+                policy = self.cfg.on_layout_change
+                detail = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+                if policy == "error":
+                    raise ValueError(f"data layout changed since the checkpoint ({detail}); set data.on_layout_change "
+                                     "to fast_forward or restart to continue with a different stream")
+                old_len = int(state["batches_per_epoch"])
+                batches = batches * len(self) // old_len if policy == "fast_forward" and old_len else 0
+                where = "from the same fraction" if policy == "fast_forward" else "from its start"
+                log.warning("data layout changed since the checkpoint (%s): epoch %d continues %s (batch %d of %d); "
+                            "the exact sample order of an uninterrupted run cannot be reproduced",
+                            detail, self.epoch, where, batches, len(self))
+            else:
+                log.warning("data loader state of rank %s loaded on rank %d: stream positions are derived assuming "
+                            "no corrupt samples", state["rank"], self.rank)
+            self.batches = batches
+            self._workers = [S.WorkerResume(n, n * self.cfg.batch_size) for n in
+                             (S.produced_by_stream(batches, w, streams) for w in range(streams))]
+        self._skipped_before = total_skipped - sum(w.skipped for w in self._workers)
+        self._shard_errors_before = total_shard_errors - sum(w.shard_errors for w in self._workers)
