@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
-from webdataset.handlers import reraise_exception
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 from tgdp.config import ConfigError
 from tgdp.data import format as F
+from tgdp.data.tar_reader import iter_members
 
 T = TypeVar("T")
 
@@ -203,8 +203,8 @@ def read_shard(url: str, expected: int, stats: StreamStats) -> Iterator[dict[str
     count, current, problem = 0, None, ""
     try:
         with open(url, "rb") as fh:
-            for member in tar_file_iterator(fh, handler=reraise_exception, select_files=_KNOWN_MEMBER.search):
-                key, ext = base_plus_ext(member["fname"])
+            for name, data in iter_members(fh, select=_KNOWN_MEMBER.search):
+                key, ext = base_plus_ext(name)
                 if key is None:
                     continue
                 if current is None or current["__key__"] != key:
@@ -212,7 +212,7 @@ def read_shard(url: str, expected: int, stats: StreamStats) -> Iterator[dict[str
                         count += 1
                         yield current
                     current = {"__key__": key, "__url__": url}
-                current[ext] = member["data"]
+                current[ext] = data
     except (OSError, tarfile.TarError, EOFError) as exc:
         problem = f"{type(exc).__name__}: {exc}"
     if current is not None:
