@@ -3,7 +3,7 @@
 Pipeline of one worker (a pure function of seed, epoch, rank and worker, see sampling.py):
 
     shards (epoch: its disjoint slice, cycled; resampled: drawn with replacement)
-      -> tar members (webdataset's tar iterator; only fbank.npy / frame_XX.jpg / json are read)
+      -> tar members (tar_reader.py; only fbank.npy / frame_XX.jpg / json are read)
       -> samples grouped by key -> shuffle buffer of RAW bytes -> skip (resume) -> decode -> batch
 
 Usage:
