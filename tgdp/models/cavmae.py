@@ -1,0 +1,332 @@
+"""The CAV-MAE / TG-DP backbone, driven pass by pass (method.md 1 and 3).
+
+Parameter names and shapes are exactly those of the official `CAVMAE` / `CAVMAE_DP` checkpoints
+(method.md 6.1), so weights move between this module and the official files by name. TG-DP runs
+the backbone three ways per step; each way is one method here and computes only what it returns:
+
+    tokens_a, tokens_v = model.tokenize(audio, frames)           # shared by both student passes
+    latent = model.encode_masked(tokens_a, tokens_v, m_a, m_v)   # pass 1: joint stream only
+    pred_a, pred_v = model.forward_decoder(latent, m_a, m_v)     # MAE predictions
+    g = model.encode_global(tokens_a, tokens_v, r_a, r_v)        # pass 2: modality streams only
+    t = teacher.teacher_forward(audio, frames)                   # full view, CLS column only
+
+The official code runs both the joint and the modality-specific stream in every pass and throws
+one away, materialises the teacher's full attention maps, and shuffles the teacher's tokens
+(which makes its ranks index shuffled positions). None of that happens here; `reference.py`
+keeps the official behaviour for parity tests and the benchmark.
+
+Sharding: every Block lives in an `nn.ModuleList` (`blocks_a`, `blocks_v`, `blocks_u`,
+`decoder_blocks`, ...) so `fully_shard` can wrap each; no Python state changes during a pass.
+Methods other than `forward` that FSDP2 must hook are listed in `FSDP_FORWARD_METHODS`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from tgdp.models import patches as P
+from tgdp.models.blocks import Block
+from tgdp.models.config import ModelConfig
+from tgdp.models.masking import Masking, apply_masking, random_masking, structured_masking
+from tgdp.models.pos_embed import sincos_2d
+
+
+POS_TABLES = ("pos_embed_a", "pos_embed_v", "decoder_pos_embed_a", "decoder_pos_embed_v")
+
+
+class GlobalOutput(NamedTuple):
+    """Modality-specific stream after `norm_a` / `norm_v`."""
+
+    cls_a: torch.Tensor  # [B, D] CLS token (mean of the patch tokens when cls_token is off)
+    cls_v: torch.Tensor  # [B, D]
+    local_a: torch.Tensor  # [B, n_a, D] visible audio patch tokens
+    local_v: torch.Tensor  # [B, n_v, D]
+
+
+class TeacherOutput(NamedTuple):
+    scores_a: torch.Tensor  # [B, N_a] head-mean patch-to-CLS attention, ORIGINAL patch order
+    scores_v: torch.Tensor  # [B, N_v]
+    cls_a: torch.Tensor  # [B, D] full-view global embeddings after norm_a / norm_v
+    cls_v: torch.Tensor  # [B, D]
+
+
+class PatchEmbed(nn.Module):
+    """Conv p x p / stride p, then [B, D, h, w] -> [B, h * w, D] (row-major tokens)."""
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class CAVMAE(nn.Module):
+    FSDP_FORWARD_METHODS = ("tokenize", "encode_masked", "forward_decoder", "encode_global", "teacher_forward",
+                            "forward_features")
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        D, Dd, p, R = cfg.embed_dim, cfg.decoder_embed_dim, cfg.patch_size, cfg.num_register_tokens
+        self.grid_a, self.grid_v = cfg.audio_grid, cfg.video_grid  # (rows, cols); audio rows = frequency
+        self.num_patches_a, self.num_patches_v = cfg.num_patches_a, cfg.num_patches_v
+        self.num_registers = R
+        self.use_cls = cfg.cls_token
+        N_a, N_v = self.num_patches_a, self.num_patches_v
+
+        def block(dim: int, heads: int) -> Block:
+            return Block(dim, heads, cfg.mlp_ratio, qkv_bias=True, eps=cfg.ln_eps)
+
+        # Direct parameters first, in the official registration order (so state dicts list alike).
+        self.modality_a = nn.Parameter(torch.zeros(1, 1, D))
+        self.modality_v = nn.Parameter(torch.zeros(1, 1, D))
+        pos_grad = cfg.learnable_pos_embed
+        self.pos_embed_a = nn.Parameter(torch.zeros(1, N_a, D), requires_grad=pos_grad)
+        self.pos_embed_v = nn.Parameter(torch.zeros(1, N_v, D), requires_grad=pos_grad)
+        if R > 0:
+            self.register_tokens = nn.Parameter(torch.zeros(2 * R, D))  # rows 0..R-1 audio, R..2R-1 visual
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
+        self.decoder_modality_a = nn.Parameter(torch.zeros(1, 1, Dd))
+        self.decoder_modality_v = nn.Parameter(torch.zeros(1, 1, Dd))
+        self.decoder_pos_embed_a = nn.Parameter(torch.zeros(1, N_a, Dd), requires_grad=pos_grad)
+        self.decoder_pos_embed_v = nn.Parameter(torch.zeros(1, N_v, Dd), requires_grad=pos_grad)
+        if self.use_cls:
+            self.cls_token_a = nn.Parameter(torch.zeros(1, 1, D))
+            self.cls_token_v = nn.Parameter(torch.zeros(1, 1, D))
+
+        self.patch_embed_a = PatchEmbed(1, D, p)
+        self.patch_embed_v = PatchEmbed(cfg.in_chans, D, p)
+        self.blocks_a = nn.ModuleList([block(D, cfg.num_heads) for _ in range(cfg.modality_specific_depth)])
+        self.blocks_v = nn.ModuleList([block(D, cfg.num_heads) for _ in range(cfg.modality_specific_depth)])
+        self.blocks_u = nn.ModuleList([block(D, cfg.num_heads) for _ in range(cfg.unified_depth)])
+        if cfg.contrastive_heads:  # official (misspelt) key names
+            self.constrative_head_audio = nn.ModuleList([block(D, cfg.num_heads) for _ in range(2)])
+            self.constrative_head_visual = nn.ModuleList([block(D, cfg.num_heads) for _ in range(2)])
+        self.norm_a = nn.LayerNorm(D, eps=cfg.ln_eps)
+        self.norm_v = nn.LayerNorm(D, eps=cfg.ln_eps)
+        self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
+
+        self.decoder_embed = nn.Linear(D, Dd)
+        self.decoder_blocks = nn.ModuleList([block(Dd, cfg.decoder_num_heads) for _ in range(cfg.decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(Dd, eps=cfg.ln_eps)
+        self.decoder_pred_a = nn.Linear(Dd, p * p * 1)
+        self.decoder_pred_v = nn.Linear(Dd, p * p * cfg.in_chans)
+        self.init_weights()
+
+    # ------------------------------------------------------------------ initialisation (method.md 1.4)
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The official initialisation; safe to call again after `to_empty` (meta-device build)."""
+        self.reset_pos_tables()
+        for embed in (self.patch_embed_a, self.patch_embed_v):
+            embed.proj.reset_parameters()  # the bias keeps Conv2d's default init, as in the official code
+            w = embed.proj.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # like an nn.Linear on the flattened patch
+        tokens = [self.modality_a, self.modality_v, self.decoder_modality_a, self.decoder_modality_v, self.mask_token]
+        if self.use_cls:
+            tokens += [self.cls_token_a, self.cls_token_v]
+        for t in tokens:
+            nn.init.normal_(t, std=0.02)
+        if self.num_registers > 0:
+            nn.init.normal_(self.register_tokens, std=1.0)  # official: torch.randn, never re-initialised
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)  # fused qkv as one [3D, D] matrix, as the official code
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @torch.no_grad()
+    def reset_pos_tables(self, names: tuple[str, ...] = POS_TABLES) -> None:
+        """(Re)fill the named position tables with their 2-D sin-cos values (they are deterministic)."""
+        for name in names:
+            table = getattr(self, name)
+            grid = self.grid_a if name.endswith("_a") else self.grid_v
+            table.copy_(sincos_2d(table.shape[-1], *grid).unsqueeze(0).to(table.device))
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # ------------------------------------------------------------------ shared pieces
+    def tokenize(self, audio: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """audio [B, T, F], frames [B, 3, H, W] -> patch tokens + positions + modality, [B, N_a, D], [B, N_v, D]."""
+        a = self.patch_embed_a(P.audio_as_image(audio))  # [B, N_a, D], index f_row * (T/p) + t_col
+        a = a + self.pos_embed_a + self.modality_a
+        v = self.patch_embed_v(frames)  # [B, N_v, D]
+        v = v + self.pos_embed_v + self.modality_v
+        return a, v
+
+    def _add_special_tokens(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+        """[B, n, D] -> [B, (1) + n + R, D]: CLS prepended, this modality's registers appended."""
+        B = x.shape[0]
+        parts = []
+        if self.use_cls:
+            parts.append((self.cls_token_a if modality == "a" else self.cls_token_v).expand(B, -1, -1))
+        parts.append(x)
+        if self.num_registers > 0:
+            R = self.num_registers
+            regs = self.register_tokens[:R] if modality == "a" else self.register_tokens[R:]
+            parts.append(regs.unsqueeze(0).expand(B, -1, -1))
+        return torch.cat(parts, dim=1)
+
+    def _modality_specific(self, a: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Visible tokens -> (CLS + tokens) after blocks_a / blocks_v, registers dropped: [B, (1) + n, D]."""
+        a, v = self._add_special_tokens(a, "a"), self._add_special_tokens(v, "v")
+        for blk in self.blocks_a:
+            a = blk(a)  # default norms (norm1 / norm2), as the official code
+        for blk in self.blocks_v:
+            v = blk(v)
+        if self.num_registers > 0:
+            a, v = a[:, : -self.num_registers], v[:, : -self.num_registers]
+        return a, v
+
+    def _global(self, ca: torch.Tensor, cv: torch.Tensor) -> GlobalOutput:
+        """Contrastive heads (if any), norm_a / norm_v, split CLS from the patch tokens."""
+        if self.cfg.contrastive_heads:
+            for blk in self.constrative_head_audio:
+                ca = blk(ca)
+            for blk in self.constrative_head_visual:
+                cv = blk(cv)
+        if self.use_cls:  # norm the slices (not slice the normed stream): outputs are not views,
+            # which FSDP2's backward hooks on a registered method's outputs prefer
+            return GlobalOutput(self.norm_a(ca[:, 0]), self.norm_v(cv[:, 0]),
+                                self.norm_a(ca[:, 1:]), self.norm_v(cv[:, 1:]))
+        ca, cv = self.norm_a(ca), self.norm_v(cv)
+        return GlobalOutput(ca.mean(dim=1), cv.mean(dim=1), ca, cv)
+
+    # ------------------------------------------------------------------ pass 1: reconstruction
+    def encode_masked(self, tokens_a: torch.Tensor, tokens_v: torch.Tensor, mask_a: Masking,
+                      mask_v: Masking) -> torch.Tensor:
+        """Joint stream of the visible tokens: [B, n_a + n_v, D] after blocks_u (shared norms) and `norm`.
+
+        The modality-specific stream of the unified layer is NOT computed (the official pass 1
+        computes and discards it). The joint stream never contains CLS or register tokens.
+        """
+        a, v = self._modality_specific(apply_masking(tokens_a, mask_a), apply_masking(tokens_v, mask_v))
+        c = int(self.use_cls)
+        x = torch.cat([a[:, c:], v[:, c:]], dim=1)  # [B, n_a + n_v, D]
+        for blk in self.blocks_u:
+            x = blk(x)
+        return self.norm(x)
+
+    def _unshuffle(self, x: torch.Tensor, masking: Masking) -> torch.Tensor:
+        """Visible decoder tokens [B, k, Dd] + mask tokens -> original patch order [B, L, Dd]."""
+        B, k, Dd = x.shape
+        L = masking.ids_restore.shape[1]
+        x = torch.cat([x, self.mask_token.expand(B, L - k, Dd)], dim=1)
+        return torch.gather(x, 1, masking.ids_restore.unsqueeze(-1).expand(-1, -1, Dd))
+
+    def forward_decoder(self, latent: torch.Tensor, mask_a: Masking,
+                        mask_v: Masking) -> tuple[torch.Tensor, torch.Tensor]:
+        """Joint latent [B, n_a + n_v, D] -> predictions [B, N_a, p*p] and [B, N_v, p*p*3]."""
+        n_a = mask_a.len_keep
+        if latent.shape[1] != n_a + mask_v.len_keep:
+            raise ValueError(f"latent has {latent.shape[1]} tokens, masks keep {n_a} + {mask_v.len_keep}")
+        x = self.decoder_embed(latent)  # [B, n_a + n_v, Dd]
+        x = torch.cat([self._unshuffle(x[:, :n_a], mask_a), self._unshuffle(x[:, n_a:], mask_v)], dim=1)
+        position_and_modality = torch.cat([self.decoder_pos_embed_a + self.decoder_modality_a,
+                                           self.decoder_pos_embed_v + self.decoder_modality_v], dim=1)
+        x = x + position_and_modality  # [B, N_a + N_v, Dd]
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_norm(x)
+        N_a = self.num_patches_a
+        return self.decoder_pred_a(x[:, :N_a]), self.decoder_pred_v(x[:, N_a:])
+
+    # ------------------------------------------------------------------ pass 2: contrastive
+    def encode_global(self, tokens_a: torch.Tensor, tokens_v: torch.Tensor, mask_a: Masking | None = None,
+                      mask_v: Masking | None = None) -> GlobalOutput:
+        """Modality-specific stream of the visible tokens (all tokens when a mask is None).
+
+        [CLS, visible] -> blocks_a / blocks_v -> blocks_u with the 'a' / 'v' norms -> norm_a / norm_v.
+        The joint stream is NOT computed (the official pass 2 computes and discards it).
+        """
+        a = tokens_a if mask_a is None else apply_masking(tokens_a, mask_a)
+        v = tokens_v if mask_v is None else apply_masking(tokens_v, mask_v)
+        a, v = self._modality_specific(a, v)
+        for blk in self.blocks_u:  # chained (the official loop re-applies each block to its input)
+            a = blk(a, "a")
+        for blk in self.blocks_u:
+            v = blk(v, "v")
+        return self._global(a, v)
+
+    def forward_features(self, audio: torch.Tensor, frames: torch.Tensor) -> GlobalOutput:
+        """Retrieval / probe features: the unmasked modality-specific stream."""
+        return self.encode_global(*self.tokenize(audio, frames))
+
+    def forward(self, audio: torch.Tensor, frames: torch.Tensor) -> GlobalOutput:
+        return self.forward_features(audio, frames)
+
+    # ------------------------------------------------------------------ teacher
+    def teacher_forward(self, audio: torch.Tensor, frames: torch.Tensor) -> TeacherOutput:
+        """Full-view teacher pass: priorities from the last unified block and the CLS embeddings.
+
+        No masking and NO shuffling, so the scores index ORIGINAL patches (the official teacher
+        shuffles even at ratio 0 and ranks shuffled positions). The last unified block runs on each
+        modality's own stream with its 'a' / 'v' norms and returns the head-mean patch-to-CLS
+        attention column without materialising the attention map (`Block.forward`, return_cls_attention).
+        Contrastive heads are not applied (as the official teacher mode). Run it under no_grad.
+        """
+        if not self.use_cls:
+            raise ValueError("teacher priorities are patch-to-CLS attention: the model needs cls_token=True")
+        a, v = self._modality_specific(*self.tokenize(audio, frames))
+        for blk in self.blocks_u[:-1]:
+            a, v = blk(a, "a"), blk(v, "v")
+        a, scores_a = self.blocks_u[-1](a, "a", return_cls_attention=True)  # [B, 1 + N_a, D], [B, N_a]
+        v, scores_v = self.blocks_u[-1](v, "v", return_cls_attention=True)
+        return TeacherOutput(scores_a, scores_v, self.norm_a(a[:, 0]), self.norm_v(v[:, 0]))
+
+    # ------------------------------------------------------------------ masks, targets, loss
+    def random_masks(self, batch: int, ratio_a: float, ratio_v: float, generator: torch.Generator,
+                     audio_mode: str = "unstructured",
+                     device: torch.device | str | None = None) -> tuple[Masking, Masking]:
+        """Reconstruction-pass masks: audio `audio_mode` on this model's grid, video unstructured.
+
+        Noise comes from `generator` (CPU by default, see masking.py); the masks are placed on
+        `device`, by default the model's.
+        """
+        device = self.pos_embed_a.device if device is None else device
+        mask_a = structured_masking(batch, self.grid_a, ratio_a, audio_mode, generator, device)
+        mask_v = random_masking(batch, self.num_patches_v, ratio_v, generator, device)
+        return mask_a, mask_v
+
+    def patchify_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        return P.patchify_audio(audio, self.cfg.patch_size)  # [B, T, F] -> [B, N_a, p*p]
+
+    def unpatchify_audio(self, x: torch.Tensor) -> torch.Tensor:
+        return P.unpatchify_audio(x, self.grid_a, self.cfg.patch_size)  # [B, N_a, p*p] -> [B, T, F]
+
+    def patchify_video(self, frames: torch.Tensor) -> torch.Tensor:
+        return P.patchify(frames, self.cfg.patch_size)  # [B, 3, H, W] -> [B, N_v, p*p*3]
+
+    def unpatchify_video(self, x: torch.Tensor) -> torch.Tensor:
+        return P.unpatchify(x, self.cfg.in_chans, self.grid_v, self.cfg.patch_size)  # -> [B, 3, H, W]
+
+    def mae_targets(self, audio: torch.Tensor, frames: torch.Tensor,
+                    norm_pix: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction targets [B, N_a, p*p], [B, N_v, p*p*3]; per-patch standardised if norm_pix."""
+        norm_pix = self.cfg.norm_pix_loss if norm_pix is None else norm_pix
+        target_a, target_v = self.patchify_audio(audio), self.patchify_video(frames)
+        if norm_pix:
+            target_a, target_v = P.normalize_patches(target_a), P.normalize_patches(target_v)
+        return target_a, target_v
+
+    @staticmethod
+    def forward_mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per-modality MAE loss: mean over removed patches of the per-patch MSE (see patches.mae_loss)."""
+        return P.mae_loss(pred, target, mask)
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> CAVMAE:
+    """Build on `device` ('meta' builds without memory: counting, or FSDP2 init + `init_weights`)."""
+    if device is None:
+        return CAVMAE(cfg)
+    with torch.device(device):
+        return CAVMAE(cfg)
