@@ -19,5 +19,5 @@ fi
 
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+.venv/bin/python -m pip install -qq --disable-pip-version-check -e '.[dev]'
 .venv/bin/python -c "import tgdp, torch, torchaudio, av, webdataset, decord, deepspeed, accelerate, submitit, wandb, timm; print('tgdp set-up OK: torch', torch.__version__)"
