@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import socket
 from pathlib import Path
 
 import pytest
@@ -162,11 +161,12 @@ def _embed(lin_a: torch.nn.Linear, lin_v: torch.nn.Linear, x_a: torch.Tensor, x_
     return emb_a, emb_v
 
 
-def _rank_worker(rank: int, port: int, out_dir: str) -> None:
+def _rank_worker(rank: int, out_dir: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+    # A file store, not a TCP port: concurrent test runs on one machine can never meet by accident.
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
     try:
         lin_a, lin_v, x_a, x_v = _model_and_data()
@@ -197,12 +197,6 @@ def _rank_worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(180)
 def test_two_ranks_match_global_batch(tmp_path: Path) -> None:
     """2 gloo ranks with different data == one process on the concatenated batch (B_total = 2B).
@@ -216,13 +210,7 @@ def test_two_ranks_match_global_batch(tmp_path: Path) -> None:
     """
     import torch.multiprocessing as mp
 
-    for attempt in range(3):  # a free port can be taken between choosing and binding it
-        try:
-            mp.spawn(_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-            break
-        except mp.ProcessRaisedException as e:
-            if "address already in use" not in str(e).lower() or attempt == 2:
-                raise
+    mp.spawn(_rank_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     lin_a, lin_v, x_a, x_v = _model_and_data()
