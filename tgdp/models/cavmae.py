@@ -65,8 +65,8 @@ class PatchEmbed(nn.Module):
 
 
 class CAVMAE(nn.Module):
-    FSDP_FORWARD_METHODS = ("tokenize", "encode_masked", "forward_decoder", "encode_global", "teacher_forward",
-                            "forward_features")
+    FSDP_FORWARD_METHODS = ("tokenize", "encode_masked", "encode_single_pass", "forward_decoder", "encode_global",
+                            "teacher_forward", "forward_features")
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -215,6 +215,18 @@ class CAVMAE(nn.Module):
         for blk in self.blocks_u:
             x = blk(x)
         return self.norm(x)
+
+    def encode_single_pass(self, tokens_a: torch.Tensor, tokens_v: torch.Tensor, mask_a: Masking,
+                           mask_v: Masking) -> tuple[torch.Tensor, GlobalOutput]:
+        """CAV-MAE's single pass: ONE run of the modality-specific blocks feeds both the joint
+        stream (-> decoder) and the modality streams (-> contrastive vectors) of the same masked view.
+        """
+        a, v = self._modality_specific(apply_masking(tokens_a, mask_a), apply_masking(tokens_v, mask_v))
+        c = int(self.use_cls)
+        x = torch.cat([a[:, c:], v[:, c:]], dim=1)  # [B, n_a + n_v, D]
+        for blk in self.blocks_u:
+            x, a, v = blk(x), blk(a, "a"), blk(v, "v")
+        return self.norm(x), self._global(a, v)
 
     def _unshuffle(self, x: torch.Tensor, masking: Masking) -> torch.Tensor:
         """Visible decoder tokens [B, k, Dd] + mask tokens -> original patch order [B, L, Dd]."""

@@ -17,11 +17,10 @@ The passes are exactly those `TGDPTask.forward` runs in each mode:
   attention channels per head (the fused patch-to-CLS column, blocks.py).
 * tokenize: the two patch embeddings, once per step (shared by both student passes).
 * recon: visible tokens through the modality blocks, the joint unified stream, the decoder.
-* contrastive: visible tokens (contrastive ratio; recon ratio in mode single) through the
-  modality blocks and the unified block on each modality stream (+ contrastive heads).
-  In mode single this recomputes the recon pass's modality blocks on the same tokens (the
-  model API has no method returning the joint latent and the global vectors of ONE encoding);
-  `single_pass_shared_encoder_saving` says how much a shared encoding would save.
+* contrastive: visible tokens (contrastive ratio) through the modality blocks and the unified
+  block on each modality stream (+ contrastive heads). In mode single the recon pass's
+  modality-block output is reused (`CAVMAE.encode_single_pass`): only the unified block on each
+  modality stream is added, as in CAV-MAE's own forward.
 """
 
 from __future__ import annotations
@@ -94,7 +93,8 @@ def flops_breakdown(model_cfg: ModelConfig, task_cfg: TaskConfig,
         "teacher": teacher,
         "tokenize": 2.0 * _tokenize(m),
         "recon": 3.0 * _recon(m, rec_a, rec_v),
-        "contrastive": 3.0 * (_encoder_streams(m, con_a, con_v) + _modality_unified(m, con_a, con_v)),
+        "contrastive": 3.0 * ((0.0 if t.mode == "single" else _encoder_streams(m, con_a, con_v))
+                              + _modality_unified(m, con_a, con_v)),
     }
 
 
@@ -103,12 +103,4 @@ def flops_per_sample(model_cfg: ModelConfig, task_cfg: TaskConfig, contrastive_r
     return sum(flops_breakdown(model_cfg, task_cfg, contrastive_ratio).values())
 
 
-def single_pass_shared_encoder_saving(model_cfg: ModelConfig, task_cfg: TaskConfig) -> float:
-    """FLOPs per sample mode single would save if the recon pass's modality-block output were reused."""
-    m = model_cfg
-    r = task_cfg.recon_mask_ratio
-    n_a, n_v = num_kept(m.num_patches_a, r), num_kept(m.num_patches_v, r)
-    return 3.0 * _encoder_streams(m, n_a, n_v) if task_cfg.mode == "single" else 0.0
-
-
-__all__ = ["block_flops", "flops_breakdown", "flops_per_sample", "single_pass_shared_encoder_saving"]
+__all__ = ["block_flops", "flops_breakdown", "flops_per_sample"]

@@ -200,8 +200,11 @@ class TGDPTask(nn.Module):
         tokens_a, tokens_v = student.tokenize(audio, frames)
         r = cfg.recon_mask_ratio
         mask_a, mask_v = student.random_masks(batch, r, r, generator("recon"), cfg.audio_mask_mode, device)
-        pred_a, pred_v = student.forward_decoder(student.encode_masked(tokens_a, tokens_v, mask_a, mask_v),
-                                                 mask_a, mask_v)
+        if cfg.mode == "single":  # CAV-MAE: one encoding feeds the decoder AND the contrastive vectors
+            latent, glob = student.encode_single_pass(tokens_a, tokens_v, mask_a, mask_v)
+        else:
+            latent = student.encode_masked(tokens_a, tokens_v, mask_a, mask_v)
+        pred_a, pred_v = student.forward_decoder(latent, mask_a, mask_v)
         target_a, target_v = student.mae_targets(audio, frames)
         loss_a = student.forward_mae_loss(pred_a, target_a, mask_a.mask)
         loss_v = student.forward_mae_loss(pred_v, target_v, mask_v.mask)
@@ -212,7 +215,7 @@ class TGDPTask(nn.Module):
         else:
             con_ratio = self.contrastive_mask_ratio(step)
             con_a, con_v = self._contrastive_masks(batch, con_ratio, teacher_out, generator, device)
-        glob = student.encode_global(tokens_a, tokens_v, con_a, con_v)
+            glob = student.encode_global(tokens_a, tokens_v, con_a, con_v)
         if cfg.contrastive_loss == "symmetric_gather":
             loss_c, acc = info_nce(glob.cls_a, glob.cls_v, cfg.temperature)
         else:
