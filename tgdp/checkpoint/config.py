@@ -1,0 +1,43 @@
+"""The checkpoint section of the training config (`checkpoint.*` overrides)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tgdp.config import ConfigError
+
+
+@dataclass
+class CheckpointConfig:
+    # Sub-folder of the run dir that holds step_<N>/ checkpoints. A plain name so that every run
+    # keeps its checkpoints beside its logs and auto-resume never looks anywhere else.
+    folder: str = "checkpoints"
+    # Save every N optimizer steps (0 = off). Step-based saves need no communication: every rank
+    # sees the same step.
+    every_steps: int = 1000
+    # ... and whenever this many wall-clock minutes passed since the last save (0 = off): one
+    # Slurm segment can be shorter than N steps, and a preempted job loses at most this much work.
+    every_minutes: float = 30.0
+    # The wall-time test is rank 0's clock broadcast to all ranks (one tiny collective, a host
+    # sync under NCCL); doing it every step is pointless for a ~30 min interval, so it runs on
+    # steps that are multiples of this. Overshoot is at most this many steps.
+    wall_check_every_steps: int = 10
+    # Keep the newest K complete checkpoints (0 = keep all). The newest complete one is never
+    # deleted, whatever K says.
+    keep_last: int = 3
+    # Also write step_<N>/model.safetensors: the gathered student + teacher weights (keys
+    # `student.` / `teacher.`), readable without torch.distributed, for eval and for sharing.
+    export_safetensors: bool = True
+
+    def validate(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        need(bool(self.folder) and "/" not in self.folder and self.folder not in (".", ".."),
+             f"checkpoint.folder must be a plain folder name inside the run dir, got {self.folder!r}")
+        need(self.every_steps >= 0, f"checkpoint.every_steps must be >= 0 (0 = off), got {self.every_steps}")
+        need(self.every_minutes >= 0, f"checkpoint.every_minutes must be >= 0 (0 = off), got {self.every_minutes}")
+        need(self.wall_check_every_steps >= 1,
+             f"checkpoint.wall_check_every_steps must be >= 1, got {self.wall_check_every_steps}")
+        need(self.keep_last >= 0, f"checkpoint.keep_last must be >= 0 (0 = keep all), got {self.keep_last}")
