@@ -368,3 +368,14 @@ def test_step_and_ema_on_fsdp2_shards() -> None:
     """fully_shard'ed student and teacher (1 gloo rank): entry points, teacher reshard, EMA on DTensor locals."""
     proc = subprocess.run([sys.executable, "-c", FSDP_SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("preset", ["tgdp", "dual", "cavmae"])
+def test_never_used_parameters_are_exactly_those_without_gradients(preset: str) -> None:
+    """The optimizer leaves out what no pass reads; that set must equal what gets no gradient."""
+    task = build_task(load_config(ModelConfig, "model", "tiny"), load_config(TaskConfig, "task", preset), 10)
+    m = task.student.cfg
+    out = task(torch.randn(4, m.audio_frames, m.mel_bins), torch.randn(4, 3, m.image_size, m.image_size), 0)
+    out.loss.backward()
+    no_grad = {n for n, p in task.student.named_parameters() if p.requires_grad and p.grad is None}
+    assert no_grad == task.student.never_used_parameter_names() and no_grad

@@ -49,7 +49,7 @@ def load_config(schema: type[T], group: str, preset: str | Path | None = None, o
     try:
         cfg = OmegaConf.structured(schema)
         if preset is not None:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(preset_path(group, preset)))
+            cfg = OmegaConf.merge(cfg, _load_preset(group, preset))
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like field.sub=value, got {bad}")
@@ -64,6 +64,22 @@ def load_config(schema: type[T], group: str, preset: str | Path | None = None, o
     if callable(validate):
         validate()
     return obj  # type: ignore[return-value]
+
+
+# A preset may compose other groups' presets instead of repeating them:
+#     presets: {model: tiny, task: tgdp}     # field -> preset name in tgdp/configs/<field>/
+#     model: {audio_frames: 32}              # then its own values win
+PRESETS_KEY = "presets"
+
+
+def _load_preset(group: str, preset: str | Path):
+    raw = OmegaConf.load(preset_path(group, preset))
+    composed = OmegaConf.create()
+    for field_name, sub in dict(raw.get(PRESETS_KEY) or {}).items():
+        composed = OmegaConf.merge(composed, {field_name: OmegaConf.load(preset_path(field_name, sub))})
+    if PRESETS_KEY in raw:
+        raw = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != PRESETS_KEY])
+    return OmegaConf.merge(composed, raw)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

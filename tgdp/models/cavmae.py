@@ -22,6 +22,7 @@ Methods other than `forward` that FSDP2 must hook are listed in `FSDP_FORWARD_ME
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 import torch
@@ -153,6 +154,20 @@ class CAVMAE(nn.Module):
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # Every official Block carries six LayerNorms, but a modality-specific, decoder or head block
+    # only ever runs its default pair (norm1 / norm2); only the unified block uses all three.
+    _NEVER_USED = re.compile(r"^(blocks_a|blocks_v|decoder_blocks|constrative_head_audio|constrative_head_visual)"
+                             r"\.\d+\.norm[12]_[av]\.")
+
+    def never_used_parameter_names(self) -> set[str]:
+        """Parameters no pass ever reads (kept for the official key layout, never trained).
+
+        They get no gradient, so an optimizer holds no state for them; leaving them out of the
+        optimizer keeps its state the same set of tensors before a checkpoint and after a load
+        (torch's DCP helpers create state for every parameter an optimizer is given).
+        """
+        return {name for name, _ in self.named_parameters() if self._NEVER_USED.match(name)}
 
     # ------------------------------------------------------------------ shared pieces
     def tokenize(self, audio: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,358 @@
+"""The pretraining loop: shards -> TGDPTask (student + teacher + losses) -> optimizer -> EMA ->
+metrics and checkpoints. It knows nothing of masking (the task), sharding (tgdp.parallel) or
+checkpoint files (tgdp.checkpoint); it orders them and keeps the run resumable.
+
+A step: `grad_accum` micro-batches (forward + backward each), a global gradient-norm clip, the
+non-finite guard (skip the update; stop cleanly after `max_nonfinite_steps` in a row), the
+optimizer update at the step's LR, the EMA update of the teacher at the step's momentum, logging,
+and a checkpoint when due or when Slurm / the user asked the job to stop (SIGTERM, SIGUSR1).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from tgdp import parallel as P
+from tgdp.parallel.config import SHARDED_BACKENDS, ZERO_BACKENDS
+from tgdp.checkpoint import CheckpointConfig, CheckpointManager, OptimizerState
+from tgdp.config import ConfigError, to_dict
+from tgdp.data.loader import DataConfig, ShardLoader
+from tgdp.metrics import LoggingConfig, MetricLogger, Throughput, peak_flops
+from tgdp.models.config import ModelConfig
+from tgdp.models.interop import load_mae, load_official
+from tgdp.optim import OptimConfig, build_optimizer, lr_schedule, set_lr
+from tgdp.task import TaskConfig, TGDPTask, flops_per_sample
+from tgdp.visualize import plot_priority_map, plot_reconstruction
+
+log = logging.getLogger("tgdp.train")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@dataclass
+class InitConfig:
+    """Where the student's weights come from before step 0 (the teacher starts equal to it)."""
+
+    mae_checkpoint: str = ""  # ImageNet MAE ViT-B with decoder (method.md 4.3)
+    official_checkpoint: str = ""  # CAV-MAE / CAV-MAE Sync / TG-DP release (method.md 6)
+    strict: bool = False  # raise on missing / unexpected keys instead of reporting them
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/tgdp"
+    total_steps: int = 1000
+    grad_accum: int = 1  # micro-batches per optimizer step (see docs/training.md on negatives)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    max_nonfinite_steps: int = 5  # consecutive non-finite steps before a clean stop
+    export_on_finish: bool = True  # write <run_dir>/export/model.safetensors at the end
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: P.ParallelConfig = field(default_factory=P.ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+
+    def validate(self) -> None:
+        for name in ("total_steps", "grad_accum", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        for part in (self.model, self.task, self.data, self.parallel, self.optim, self.checkpoint, self.logging):
+            part.validate()
+        m, d = self.model, self.data
+        if d.audio_frames != m.audio_frames:
+            raise ConfigError(f"data.audio_frames ({d.audio_frames}) must equal model.audio_frames ({m.audio_frames})")
+        if d.frame_size != m.image_size:
+            raise ConfigError(f"data.frame_size ({d.frame_size}) must equal model.image_size ({m.image_size})")
+        if d.split != "train":
+            raise ConfigError(f"data.split must be 'train' for pretraining, got {d.split!r}")
+        if self.init.mae_checkpoint and self.init.official_checkpoint:
+            raise ConfigError("set at most one of init.mae_checkpoint and init.official_checkpoint")
+
+
+class StopRequested:
+    """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next step boundary and exits.
+
+    Slurm sends SIGUSR1 (`--signal`) before the time limit and SIGTERM on preemption; submitit
+    and torchrun forward them. Every rank must agree to stop at the same step (a collective
+    follows), so the flag is all-reduced once per step.
+    """
+
+    def __init__(self) -> None:
+        self.flag = False
+        self.signal_name = ""
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.flag = True
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self, device: torch.device) -> bool:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.flag
+        t = torch.tensor([1.0 if self.flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+class NonFiniteStop(RuntimeError):
+    """Training produced non-finite losses or gradients too many steps in a row."""
+
+
+def _all_finite(values: list[torch.Tensor], device: torch.device) -> bool:
+    """True when every value is finite on EVERY rank (so all ranks skip or step together)."""
+    ok = torch.tensor([1.0 if all(bool(torch.isfinite(v).all()) for v in values) else 0.0], device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def _global_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip (when max_norm > 0) and return the global gradient norm; DTensor-aware under FSDP2."""
+    grads = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf"), foreach=True)
+    full = getattr(norm, "full_tensor", None)
+    return full() if callable(full) else norm
+
+
+class Trainer:
+    """Builds everything from a `TrainConfig` and runs `train()`; itself checkpointable state."""
+
+    def __init__(self, cfg: TrainConfig, init_method: str | None = None):
+        cfg.validate()
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        device = None if cfg.device == "auto" else cfg.device
+        self.env = P.init_distributed(init_method=init_method, device=device)
+        self.device = self.env.device
+        torch.manual_seed(cfg.seed + self.env.rank)
+        self.step = 0
+        self.nonfinite_streak = 0
+
+        task = TGDPTask(_build_student(cfg), cfg.task, cfg.total_steps)
+        task.reset_teacher()  # the teacher starts equal to the (initialised) student
+        self.task = task
+        self.wrapped = P.shard_student(task.student, cfg.parallel, self.env, **self._zero_kwargs())
+        if task.teacher is not None:
+            P.shard_teacher(task.teacher, cfg.parallel, self.env)
+        if cfg.parallel.backend in SHARDED_BACKENDS:
+            P.verify_sharding(task.student, self.env, cfg.parallel.backend)
+        # DeepSpeed wraps the optimizer it was given: the LR is set on (and state read from) its wrapper.
+        self.is_engine = cfg.parallel.backend in ZERO_BACKENDS
+        self.optimizer = self.wrapped.optimizer if self.is_engine else build_optimizer(task.student, cfg.optim)
+        self.lrs = lr_schedule(cfg.optim, cfg.total_steps)
+        self.loader = ShardLoader(cfg.data, self.env.rank, self.env.world_size)
+        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint, self.env.rank, self.env.world_size)
+        self.flops_per_sample = flops_per_sample(cfg.model, cfg.task)
+        self.stop = StopRequested()
+        self.run_id: str | None = None
+        self._last_saved_step = -1
+        self._last_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _zero_kwargs(self) -> dict[str, Any]:
+        """DeepSpeed takes the optimizer (built on the unsharded params) and the batch geometry."""
+        cfg = self.cfg
+        if cfg.parallel.backend not in ZERO_BACKENDS:
+            return {}
+        return {"optimizer": build_optimizer(self.task.student, cfg.optim), "ds_config_overrides": {
+            "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+            "gradient_accumulation_steps": cfg.grad_accum,
+            "gradient_clipping": cfg.optim.grad_clip}}
+
+    # ------------------------------------------------------------------ state
+    def app_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"student": self.task.student,
+                                 "optim": OptimizerState(self.task.student, self.optimizer),
+                                 "trainer": {"step": self.step, "nonfinite_streak": self.nonfinite_streak}}
+        if self.task.teacher is not None:
+            state["teacher"] = self.task.teacher
+        return state
+
+    def resume(self) -> bool:
+        """Continue from the newest COMPLETE checkpoint of the run dir, if there is one."""
+        state = self.app_state()
+        result = self.ckpt.resume(state)
+        if result is None:
+            return False
+        self.step = int(state["trainer"]["step"])
+        self.nonfinite_streak = int(state["trainer"]["nonfinite_streak"])
+        data_state = result.rank_state if result.rank_state is not None else result.rank0_state
+        if data_state is not None:
+            self.loader.load_state_dict(data_state["data"])
+        self.run_id = result.extra.get("run_id")
+        for note in result.notes:
+            log.warning(note)
+        log.info("resumed from %s at step %d", result.path, self.step)
+        return True
+
+    def save(self) -> Path:
+        path = self.ckpt.save(self.step, self.app_state(),
+                              extra={"run_id": self.run_id, "config": to_dict(self.cfg)},
+                              rank_state={"data": self.loader.state_dict()})
+        self._last_saved_step = self.step
+        return path
+
+    def close(self) -> None:
+        P.destroy_distributed()
+
+    # ------------------------------------------------------------------ the loop
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        while True:
+            yield from self.loader
+
+    def train(self) -> dict[str, Any]:
+        """Run to `total_steps` (or to a requested stop); returns a small summary."""
+        cfg, env = self.cfg, self.env
+        self.resume()
+        logger = MetricLogger(cfg.logging, self.run_dir, run_id=self.run_id, config=to_dict(cfg), rank=env.rank,
+                              total_steps=cfg.total_steps, start_step=self.step)
+        self.run_id = logger.run_id if env.rank == 0 else self.run_id
+        peak, peak_source = peak_flops(self.device, override=cfg.logging.peak_tflops)
+        meter = Throughput(self.flops_per_sample, peak, env.world_size, self.device)
+        batches = meter.timed(self._batches())
+        self.stop.install()
+        stopped_by = ""
+        try:
+            while self.step < cfg.total_steps:
+                out, terms, grad_norm, applied = self._one_step(batches)
+                self.step += 1
+                meter.step_done(cfg.data.batch_size * cfg.grad_accum,
+                                self._flops_at(self.step - 1))
+                if logger.should_log(self.step) or self.step == cfg.total_steps:
+                    record = {**terms, "train/lr": float(self.lrs[self.step - 1]),
+                              "train/ema_momentum": self.task.momentum(self.step - 1),
+                              "train/grad_norm": grad_norm, "train/step_applied": float(applied),
+                              "train/contrastive_mask_ratio": out.contrastive_mask_ratio,
+                              "data/skipped": self.loader.skipped, **meter.summary()}
+                    record["perf/peak_source"] = peak_source
+                    logger.log(self.step, record)
+                if env.rank == 0 and cfg.logging.image_every and self.step % cfg.logging.image_every == 0:
+                    logger.log_images(self.step, self._pictures(out))
+                if self.stop.agreed(self.device):
+                    stopped_by = self.stop.signal_name or "another rank's signal"
+                    break
+                if self.ckpt.should_save(self.step):
+                    self.save()
+            if (stopped_by or self.step >= cfg.total_steps) and self._last_saved_step != self.step:
+                self.save()
+            if self.step >= cfg.total_steps and cfg.export_on_finish:
+                self.export()
+        except NonFiniteStop:
+            self.save()
+            raise
+        finally:
+            self.stop.uninstall()
+            logger.close()
+        return {"step": self.step, "stopped_by": stopped_by, "run_id": self.run_id}
+
+    def _flops_at(self, step: int) -> float:
+        return flops_per_sample(self.cfg.model, self.cfg.task, self.task.contrastive_mask_ratio(step))
+
+    def _one_step(self, batches: Iterator[dict[str, Any]]):
+        cfg, task = self.cfg, self.task
+        step = self.step
+        set_lr(self.optimizer, float(self.lrs[step]))
+        sums: dict[str, float] = {}
+        losses = []
+        out = None
+        for micro in range(cfg.grad_accum):
+            batch = next(batches)
+            audio = batch["audio"].to(self.device, non_blocking=True)
+            frames = batch["frames"].to(self.device, non_blocking=True)
+            self._last_inputs = (audio, frames)
+            out = task(audio, frames, step, self.env.rank, micro)
+            loss = out.loss if self.is_engine else out.loss / cfg.grad_accum  # DeepSpeed divides itself
+            losses.append(out.loss.detach())
+            if not _all_finite([out.loss.detach()], self.device):
+                continue  # every rank skips this backward together
+            P.backward(self.wrapped, loss)
+            for name, value in out.scalars().items():
+                sums[name] = sums.get(name, 0.0) + float(value) / cfg.grad_accum
+        finite = _all_finite(losses, self.device)
+        grad_norm = float("nan")
+        if not self.is_engine:
+            norm = _global_grad_norm(list(task.student.parameters()), cfg.optim.grad_clip if finite else 0.0)
+            grad_norm = float(norm)
+            finite = finite and _all_finite([norm], self.device)
+        if finite:
+            P.optimizer_step(self.wrapped, self.optimizer)
+            task.update_teacher(step)
+            self.nonfinite_streak = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_streak += 1
+            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step,
+                        self.nonfinite_streak)
+            if self.nonfinite_streak >= cfg.max_nonfinite_steps:
+                raise NonFiniteStop(
+                    f"{self.nonfinite_streak} consecutive steps with non-finite loss/gradients (last: step {step}); "
+                    f"a checkpoint of the last good state is in {self.ckpt.root}. Lower optim.lr, check the data "
+                    "(data/skipped), or use parallel.mixed_precision=fp32 to investigate")
+        terms = {_metric_name(k): v for k, v in sums.items()}
+        return out, terms, grad_norm, finite
+
+    def _pictures(self, out) -> dict[str, Path]:
+        """Reconstruction and teacher priority map of the first sample of the last micro-batch."""
+        folder = self.run_dir / "images"
+        p = self.cfg.model.patch_size
+        batch = self._last_inputs
+        audio, frame = batch[0][0].float().cpu(), batch[1][0].float().cpu()
+        pics = {"reconstruction": plot_reconstruction(
+            folder / f"reconstruction_{self.step:07d}.png", audio, frame,
+            out.recon_mask_a.mask[0].cpu(), out.recon_mask_v.mask[0].cpu(), out.pred_a[0].float().cpu(),
+            out.pred_v[0].float().cpu(), p, norm_pix=self.cfg.model.norm_pix_loss, title=f"step {self.step}")}
+        if out.teacher_scores_a is not None:
+            pics["teacher_priority"] = plot_priority_map(
+                folder / f"priority_{self.step:07d}.png", audio, frame, out.teacher_scores_a[0].float().cpu(),
+                out.teacher_scores_v[0].float().cpu(), 1 - out.contrastive_mask_a.mask[0].cpu(),
+                1 - out.contrastive_mask_v.mask[0].cpu(), p, title=f"teacher priorities, step {self.step}")
+        return pics
+
+    def export(self) -> Path:
+        models = {"student": self.task.student}
+        if self.task.teacher is not None:
+            models["teacher"] = self.task.teacher
+        return self.ckpt.export_consolidated(self.run_dir / "export" / "model.safetensors", models)
+
+
+def _metric_name(term: str) -> str:
+    """TaskOutput term -> logged name: `loss` (total), `loss/<part>`, `train/<other>`."""
+    if term == "loss":
+        return "loss"
+    return "loss/" + term[len("loss_"):] if term.startswith("loss_") else "train/" + term
+
+
+def _build_student(cfg: TrainConfig):
+    from tgdp.models.cavmae import build_model
+
+    student = build_model(cfg.model)
+    if cfg.init.mae_checkpoint:
+        report = load_mae(student, cfg.init.mae_checkpoint, strict=cfg.init.strict)
+        log.info("initialised from ImageNet MAE %s: %s", cfg.init.mae_checkpoint, report)
+    elif cfg.init.official_checkpoint:
+        report = load_official(student, cfg.init.official_checkpoint, strict=cfg.init.strict)
+        log.info("initialised from %s: %s", cfg.init.official_checkpoint, report)
+    return student
+
