@@ -117,9 +117,10 @@ def parse_cli(
     parser.add_argument("--config", default=default_preset, help="preset name or path to a YAML file")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     for flag, (field, help_text) in flags.items():
-        parser.add_argument(flag, dest=f"flag::{field}", default=None, help=f"{help_text} (= {field}=...)")
+        parser.add_argument(flag, dest=f"flag::{field}", default=None, metavar=field.split(".")[-1].upper(),
+                            help=f"{help_text} (= {field}=...)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides field.sub=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags and field=value overrides in any order
     overrides = list(args.overrides)
     for name, value in vars(args).items():
         if name.startswith("flag::") and value is not None:

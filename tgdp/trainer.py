@@ -55,6 +55,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     max_nonfinite_steps: int = 5  # consecutive non-finite steps before a clean stop
     export_on_finish: bool = True  # write <run_dir>/export/model.safetensors at the end
+    # Fault injection for reliability tests and drills: the loss of these steps (numbered as logged:
+    # step N is the N-th optimizer step) is made NaN.
+    inject_nonfinite_steps: list[int] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -283,6 +286,8 @@ class Trainer:
             frames = batch["frames"].to(self.device, non_blocking=True)
             self._last_inputs = (audio, frames)
             out = task(audio, frames, step, self.env.rank, micro)
+            if step + 1 in cfg.inject_nonfinite_steps:
+                out.loss = out.loss * float("nan")
             loss = out.loss if self.is_engine else out.loss / cfg.grad_accum  # DeepSpeed divides itself
             losses.append(out.loss.detach())
             if not _all_finite([out.loss.detach()], self.device):

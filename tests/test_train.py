@@ -1,0 +1,156 @@
+"""End-to-end pretraining on real shards: 2 gloo ranks under torchrun, SIGTERM, exact resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, run_tool
+from tgdp.metrics import read_metrics
+
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+
+
+@pytest.fixture(scope="module")
+def train_shards(tmp_path_factory) -> Path:
+    """32 synthetic clips in 8 shards: enough for 2 ranks and a learning signal."""
+    from tgdp.data.synthetic import make_corpus
+
+    root = tmp_path_factory.mktemp("train")
+    manifest = make_corpus(root / "corpus", num_clips=32, num_classes=4, duration=10.0, seed=11, workers=2)
+    run_tool("make_shards.py", "--input", manifest, "--output", root / "shards", "--workers", "2",
+             "max_samples_per_shard=4", "progress=false")
+    return root / "shards"
+
+
+def common(shards: Path, steps: int) -> list[str]:
+    return ["--config", "tiny", "--shards", str(shards), "--steps", str(steps), "logging.wandb=false",
+            "logging.log_every=1", "logging.image_every=0", "checkpoint.every_steps=0", "data.batch_size=4"]
+
+
+def torchrun(args: list[str], port: int) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(port), "tgdp/train.py", *args],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if metrics.exists() and any(r.get("step", 0) >= step for r in read_metrics(metrics)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early:\n{proc.stdout.read()}")
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(a), load_file(b)
+    assert wa.keys() == wb.keys() and any(k.startswith("teacher.") for k in wa)
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+@pytest.mark.slow
+def test_fsdp2_two_ranks_sigterm_resume_is_bitwise_exact(train_shards, tmp_path):
+    steps = 14
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    out = finish(torchrun(common(train_shards, steps) + ["--run-dir", str(straight)], free_port()))
+    assert (straight / "export" / "model.safetensors").is_file(), out
+
+    proc = torchrun(common(train_shards, steps) + ["--run-dir", str(resumed)], free_port())
+    wait_for_step(resumed / "metrics.jsonl", steps // 2, proc)
+    for child in _children(proc.pid):  # Slurm / torchrun deliver SIGTERM to the workers
+        os.kill(child, signal.SIGTERM)
+    first = finish(proc)
+    saved = sorted((resumed / "checkpoints").glob("step_*"))
+    assert len(saved) == 1 and steps // 2 <= int(saved[0].name[5:]) < steps, first
+    assert "stopped at step" in first
+    second = finish(torchrun(common(train_shards, steps) + ["--run-dir", str(resumed)], free_port()))
+    assert "resumed from" in second, second
+
+    assert_same_weights(straight / "export" / "model.safetensors", resumed / "export" / "model.safetensors")
+    losses = lambda run: [(r["step"], r["loss"], r["loss/distill"]) for r in read_metrics(run / "metrics.jsonl")]  # noqa: E731
+    assert losses(straight) == losses(resumed) and len(losses(straight)) == steps
+
+    # the 2-rank checkpoint loads on ONE process (model and optimizer reshard; data restarts its layout)
+    one = subprocess.run([sys.executable, "-m", "tgdp.train", *common(train_shards, steps + 3),
+                          "--run-dir", str(resumed), "parallel.backend=none"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stdout + one.stderr
+    assert f"resumed from {resumed / 'checkpoints' / saved[0].name}".replace(saved[0].name, "step_") in one.stderr \
+        or "resumed from" in one.stderr
+    assert read_metrics(resumed / "metrics.jsonl")[-1]["step"] == steps + 3
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_on_the_synthetic_corpus(train_shards, tmp_path):
+    """Loss goes down and audio-visual matching rises well above chance (1/8 at batch 8)."""
+    run = tmp_path / "learn"
+    proc = subprocess.run([sys.executable, "-m", "tgdp.train", *common(train_shards, 240), "--run-dir", str(run),
+                           "parallel.backend=none", "data.batch_size=8"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = read_metrics(run / "metrics.jsonl")
+    assert len(records) == 240
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    first, last = records[:20], records[-40:]  # single steps are noisy at batch 8: average windows
+    assert mean(last, "loss/recon") < 0.5 * mean(first, "loss/recon")
+    assert mean(last, "loss/contrastive") < mean(first, "loss/contrastive") - 0.3
+    assert mean(last, "train/contrastive_acc") > 2 * 0.125  # chance is 1/8
+    assert mean(last, "train/contrastive_acc") > mean(first, "train/contrastive_acc") + 0.08
+
+
+def test_nonfinite_steps_are_skipped_then_stop_cleanly(train_shards, tmp_path):
+    run = tmp_path / "nan"
+    args = [sys.executable, "-m", "tgdp.train", *common(train_shards, 8), "--run-dir", str(run),
+            "parallel.backend=none", "inject_nonfinite_steps=[3]"]
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    applied = {r["step"]: r["train/step_applied"] for r in read_metrics(run / "metrics.jsonl")}
+    assert applied[3] == 0.0 and all(v == 1.0 for s, v in applied.items() if s != 3)
+    assert "non-finite loss or gradient, update skipped" in proc.stderr
+
+    run2 = tmp_path / "nan_stop"
+    args = [sys.executable, "-m", "tgdp.train", *common(train_shards, 10), "--run-dir", str(run2),
+            "parallel.backend=none", "inject_nonfinite_steps=[5,6,7]", "max_nonfinite_steps=3"]
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 3, proc.stderr
+    assert "3 consecutive steps with non-finite" in proc.stderr
+    # the checkpoint holds the last good state: 6 steps counted, the updates of 5 and 6 never applied
+    assert sorted(p.name for p in (run2 / "checkpoints").glob("step_*")) == ["step_00000006"]
+
+
+def test_bad_config_stops_before_any_work(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tgdp.train", "--config", "tiny", "--run-dir", str(tmp_path / "r"),
+                           "data.shards=/nonexistent", "model.audio_frames=96"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "data.audio_frames" in proc.stderr and "model.audio_frames" in proc.stderr
+    assert not (tmp_path / "r").exists()
