@@ -1,0 +1,85 @@
+"""`ParallelConfig`: HOW the student and the EMA teacher are spread over the ranks.
+
+Nothing here says what is trained (that is `TaskConfig`) or how many processes run (that is
+the launcher: torchrun, `accelerate launch --config_file ds_configs/<x>.yaml`, submitit). The
+backend is chosen by THIS config (`parallel.backend=zero3` on the command line or in a trainer
+preset), never by accelerate's FSDP/DeepSpeed plugins: those are silently ignored or half-applied
+on some machines (docs/sharding.md, "CPU traps").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tgdp.config import ConfigError
+
+BACKENDS = ("none", "ddp", "fsdp2", "hsdp", "zero2", "zero3")
+SHARDED_BACKENDS = ("fsdp2", "hsdp", "zero3")  # parameters are split over ranks
+ZERO_BACKENDS = ("zero2", "zero3")
+MIXED_PRECISIONS = ("bf16", "fp32")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class ParallelConfig:
+    # none: one process or replicas without gradient sync (tests, debugging).
+    # ddp: torch DDP (static graph), replicated student AND replicated teacher.
+    # fsdp2: fully_shard per block + root over all ranks; teacher sharded the same way.
+    # hsdp: FSDP2 on a 2-D mesh, shard inside a group of `shard_group_size` ranks (a node),
+    #       replicate across groups; teacher the same.
+    # zero2 / zero3: DeepSpeed driven from tgdp.parallel (not accelerate's plugin); teacher
+    #       replicated for zero2, a ZeRO-3 partitioned inference engine for zero3 (docs/sharding.md).
+    backend: str = "fsdp2"
+    # bf16: bf16 compute copies of the params, fp32 gradient reductions, fp32 master params
+    # (which the EMA reads and writes). fp32: everything in fp32 (debugging, parity tests).
+    mixed_precision: str = "bf16"
+    # Recompute each block's activations in backward (student only; the teacher has no backward).
+    activation_checkpointing: bool = False
+    # torch.compile each block (after activation checkpointing, before sharding). Not with ZeRO.
+    compile: bool = False
+    # Student blocks: free the gathered parameters after forward (True = least memory, one more
+    # all-gather in backward; False = ZeRO-2-like, fastest when memory allows). The teacher always
+    # reshards (it has no backward to reuse them), root included.
+    reshard_after_forward: bool = True
+    # hsdp only: ranks per shard group; 0 = LOCAL_WORLD_SIZE (one node shards, nodes replicate).
+    shard_group_size: int = 0
+    # zero2 / zero3: DeepSpeed JSON (ZeRO knobs only: precision and batch sizes are injected from
+    # this config and the trainer). A relative path is tried from the working directory, then
+    # from the repository root.
+    # "" = ds_configs/<backend>.json.
+    deepspeed_config: str = ""
+
+    def validate(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        need(self.backend in BACKENDS, f"parallel.backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        need(self.mixed_precision in MIXED_PRECISIONS,
+             f"parallel.mixed_precision must be one of {list(MIXED_PRECISIONS)}, got {self.mixed_precision!r}")
+        need(self.shard_group_size >= 0,
+             f"parallel.shard_group_size must be >= 0 (0 = ranks per node), got {self.shard_group_size}")
+        need(self.shard_group_size == 0 or self.backend == "hsdp",
+             f"parallel.shard_group_size is only used by backend hsdp; set it to 0 or use parallel.backend=hsdp "
+             f"(got backend {self.backend!r}, shard_group_size {self.shard_group_size})")
+        if self.backend in ZERO_BACKENDS:
+            need(not self.compile, f"parallel.compile=true is not supported with parallel.backend={self.backend} "
+                                   "(DeepSpeed's parameter hooks break per-block graphs); set parallel.compile=false "
+                                   "or use fsdp2 / hsdp / ddp")
+            path = self.deepspeed_config_path()
+            need(path.is_file(), f"parallel.deepspeed_config: {path} does not exist; point it at a JSON in "
+                                 f"ds_configs/ (e.g. ds_configs/{self.backend}.json)")
+        else:
+            need(self.deepspeed_config == "",
+                 f"parallel.deepspeed_config is only read by zero2 / zero3; clear it or set parallel.backend "
+                 f"(got backend {self.backend!r})")
+
+    def deepspeed_config_path(self) -> Path:
+        """The DeepSpeed JSON for this backend: as given if it exists, else relative to the repo root."""
+        path = Path(self.deepspeed_config or f"ds_configs/{self.backend}.json")
+        return path if path.is_absolute() or path.is_file() else REPO_ROOT / path
+
+    @property
+    def shards_parameters(self) -> bool:
+        return self.backend in SHARDED_BACKENDS
