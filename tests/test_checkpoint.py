@@ -38,7 +38,7 @@ from tgdp.checkpoint import (
     restore_rng,
 )
 from tgdp.config import ConfigError
-from tgdp.ema import ema_update
+from tgdp.parallel import ema_update_, local_pairs
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -109,7 +109,7 @@ def train(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer, ra
         student(x).square().mean().backward()
         opt.step()
         opt.zero_grad()
-        ema_update(teacher, student, 0.9)
+        ema_update_(local_pairs(student, teacher), 0.9)
 
 
 def app_state(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer, trainer: TrainerState) -> dict:

@@ -5,8 +5,8 @@
     task.py    TGDPTask (student + EMA teacher + the step), TaskOutput, Schedules, build_task
     flops.py   analytic training FLOPs per sample, pass by pass (for MFU)
 
-Generic pieces it uses live beside it: tgdp/schedules.py (per-step arrays), tgdp/ema.py (the
-shard-local fused EMA update), tgdp/losses.py, tgdp/models/. docs/model.md walks through it all.
+Generic pieces it uses live beside it: tgdp/schedules.py (per-step arrays), tgdp.parallel
+(`local_pairs` + `ema_update_`: the shard-local fused EMA update), tgdp/losses.py, tgdp/models/. docs/model.md walks through it all.
 """
 
 from tgdp.task.config import CONTRASTIVE_LOSSES, MODES, TaskConfig

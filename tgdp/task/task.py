@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from tgdp.config import ConfigError
-from tgdp.ema import ema_update
+from tgdp.parallel import ema_update_, local_pairs
 from tgdp.losses import distillation_loss, info_nce, info_nce_local_single_direction
 from tgdp.models.cavmae import CAVMAE, TeacherOutput, build_model
 from tgdp.models.config import ModelConfig
@@ -170,7 +170,7 @@ class TGDPTask(nn.Module):
         """
         m = self.momentum(step)
         if self.teacher is not None:
-            ema_update(self.teacher, self.student, m)
+            ema_update_(local_pairs(self.student, self.teacher), m)
         return m
 
     @torch.no_grad()
@@ -182,7 +182,7 @@ class TGDPTask(nn.Module):
         or an ImageNet-MAE / official checkpoint loaded into the student only.
         """
         if self.teacher is not None:
-            ema_update(self.teacher, self.student, 0.0)
+            ema_update_(local_pairs(self.student, self.teacher), 0.0)
 
     # ------------------------------------------------------------------ the step
     def forward(self, audio: Tensor, frames: Tensor, step: int, rank: int = 0, micro_batch: int = 0) -> TaskOutput:
