@@ -82,6 +82,12 @@ class TrainConfig:
             raise ConfigError(f"data.frame_size ({d.frame_size}) must equal model.image_size ({m.image_size})")
         if d.split != "train":
             raise ConfigError(f"data.split must be 'train' for pretraining, got {d.split!r}")
+        if self.parallel.backend in ZERO_BACKENDS and (self.checkpoint.every_steps or self.checkpoint.every_minutes
+                                                       or self.export_on_finish):
+            raise ConfigError(
+                f"parallel.backend={self.parallel.backend} trains, but checkpointing DeepSpeed engines is not "
+                "supported yet; use parallel.backend=fsdp2 / hsdp / ddp for runs that must resume, or train "
+                "without checkpoints: checkpoint.every_steps=0 checkpoint.every_minutes=0 export_on_finish=false")
         if self.init.mae_checkpoint and self.init.official_checkpoint:
             raise ConfigError("set at most one of init.mae_checkpoint and init.official_checkpoint")
 
@@ -164,6 +170,7 @@ class Trainer:
             P.verify_sharding(task.student, self.env, cfg.parallel.backend)
         # DeepSpeed wraps the optimizer it was given: the LR is set on (and state read from) its wrapper.
         self.is_engine = cfg.parallel.backend in ZERO_BACKENDS
+        self.checkpointing = not self.is_engine  # DeepSpeed engines: refused by TrainConfig.validate
         self.optimizer = self.wrapped.optimizer if self.is_engine else build_optimizer(task.student, cfg.optim)
         self.lrs = lr_schedule(cfg.optim, cfg.total_steps)
         self.loader = ShardLoader(cfg.data, self.env.rank, self.env.world_size)
@@ -228,7 +235,8 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Run to `total_steps` (or to a requested stop); returns a small summary."""
         cfg, env = self.cfg, self.env
-        self.resume()
+        if self.checkpointing:
+            self.resume()
         logger = MetricLogger(cfg.logging, self.run_dir, run_id=self.run_id, config=to_dict(cfg), rank=env.rank,
                               total_steps=cfg.total_steps, start_step=self.step)
         self.run_id = logger.run_id if env.rank == 0 else self.run_id
@@ -256,14 +264,16 @@ class Trainer:
                 if self.stop.agreed(self.device):
                     stopped_by = self.stop.signal_name or "another rank's signal"
                     break
-                if self.ckpt.should_save(self.step):
+                if self.checkpointing and self.ckpt.should_save(self.step):
                     self.save()
-            if (stopped_by or self.step >= cfg.total_steps) and self._last_saved_step != self.step:
+            if self.checkpointing and (stopped_by or self.step >= cfg.total_steps) \
+                    and self._last_saved_step != self.step:
                 self.save()
             if self.step >= cfg.total_steps and cfg.export_on_finish:
                 self.export()
         except NonFiniteStop:
-            self.save()
+            if self.checkpointing:
+                self.save()
             raise
         finally:
             self.stop.uninstall()
