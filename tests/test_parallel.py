@@ -263,7 +263,9 @@ def _zero_case(env, stage: int) -> None:
     before = gather_full_state_dict(t_engine)
     pairs = local_pairs(engine, t_engine)
     if stage == 3:  # the pairs are partitions: about 1/W of each parameter
-        trained = [t for t, s in zip(teacher.parameters(), student.parameters()) if s.requires_grad]
+        never_used = student.never_used_parameter_names()
+        trained = [t for (name, t), s in zip(teacher.named_parameters(), student.parameters())
+                   if s.requires_grad and name not in never_used]
         assert len(pairs) == len(trained)
         assert all(t.numel() == -(-p.ds_numel // WORLD) for (t, _), p in zip(pairs, trained))
     ema_update_(pairs, MOMENTUM)

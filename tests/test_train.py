@@ -154,3 +154,20 @@ def test_bad_config_stops_before_any_work(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "data.audio_frames" in proc.stderr and "model.audio_frames" in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_every_backend_trains_the_same_first_step(train_shards, tmp_path):
+    """ddp, fsdp2, zero2 and zero3 on 2 ranks: same data, same init -> the same first-step loss."""
+    first = {}
+    for backend in ("ddp", "fsdp2", "zero2", "zero3"):
+        extra = [] if backend in ("ddp", "fsdp2") else \
+            ["checkpoint.every_steps=0", "checkpoint.every_minutes=0", "export_on_finish=false"]
+        run = tmp_path / backend
+        out = finish(torchrun(common(train_shards, 3) + ["--run-dir", str(run), f"parallel.backend={backend}", *extra],
+                              free_port()))
+        records = read_metrics(run / "metrics.jsonl")
+        assert [r["step"] for r in records] == [1, 2, 3], out
+        assert all(r["train/step_applied"] == 1.0 for r in records)
+        first[backend] = records[0]["loss"]
+    assert max(first.values()) - min(first.values()) < 1e-4, first

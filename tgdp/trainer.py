@@ -156,7 +156,11 @@ class Trainer:
         device = None if cfg.device == "auto" else cfg.device
         self.env = P.init_distributed(init_method=init_method, device=device)
         self.device = self.env.device
-        torch.manual_seed(cfg.seed + self.env.rank)
+        # The SAME seed on every rank: each rank builds the full student before sharding and keeps
+        # its own slice, so all ranks must build identical weights (DDP / DeepSpeed would broadcast
+        # rank 0's; FSDP2 does not). Per-rank randomness never comes from the global RNG (masks use
+        # generators derived from (seed, step, rank, micro-batch)).
+        torch.manual_seed(cfg.seed)
         self.step = 0
         self.nonfinite_streak = 0
 

@@ -32,7 +32,8 @@ class ShardingError(RuntimeError):
 def local_pairs(student: Any, teacher: Any) -> list[tuple[Tensor, Tensor]]:
     """[(teacher_local, student_local)] for every parameter the student TRAINS, local shards only.
 
-    Frozen student parameters (the sin-cos position tables) never change and are left out. The
+    Frozen student parameters (the sin-cos position tables) and those the model never uses
+    (`never_used_parameter_names`) never change and are left out. The
     teacher side is always fp32 storage (written in place by `ema_update_`); the student side is
     the fp32 master where the backend keeps one per element (FSDP2 shards, ZeRO-3 partitions),
     else the parameter itself (bf16 under zero2 + bf16: DeepSpeed's fp32 master is split
@@ -46,9 +47,12 @@ def local_pairs(student: Any, teacher: Any) -> list[tuple[Tensor, Tensor]]:
                          "a deep copy of the student made before sharding")
     if any(zero.is_zero3_param(t) for _, t in t_params):
         zero.release_zero3(t_mod)  # a gathered copy would hide the updated partition from the next forward
+    # Parameters the model declares never used are not trained (no optimizer state, so no ZeRO-3
+    # fp32 master either); they never change, so their EMA is a no-op and they are left out too.
+    never_used = getattr(s_mod, "never_used_parameter_names", lambda: set())()
     pairs = []
     for (name, s), (_, t) in zip(s_params, t_params):
-        if not s.requires_grad:
+        if not s.requires_grad or name in never_used:
             continue
         if isinstance(s, DTensor) or isinstance(t, DTensor):
             if not (isinstance(s, DTensor) and isinstance(t, DTensor)):

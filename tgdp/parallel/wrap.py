@@ -149,7 +149,7 @@ def _freeze_as_teacher(model: nn.Module) -> None:
 
 
 def _broadcast_from_rank0(model: nn.Module) -> None:
-    """Replicated teachers must be identical on all ranks even if ranks initialised differently."""
+    """Make every rank start from rank 0's weights (replicated teachers; FSDP2 before slicing)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         with torch.no_grad():
             for t in list(model.parameters()) + list(model.buffers()):
@@ -167,6 +167,9 @@ def _refuse_meta(model: nn.Module) -> None:
 
 
 def _fsdp2(model: nn.Module, cfg: ParallelConfig, env: DistEnv, inference_only: bool) -> nn.Module:
+    # Each rank keeps ITS slice of the full model it built: ranks that initialised differently
+    # (another seed) would train a patchwork. DDP and DeepSpeed broadcast rank 0's weights; so do we.
+    _broadcast_from_rank0(model)
     mesh = device_mesh(cfg, env)
     bf16 = cfg.mixed_precision == "bf16"
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
