@@ -171,3 +171,19 @@ def test_every_backend_trains_the_same_first_step(train_shards, tmp_path):
         assert all(r["train/step_applied"] == 1.0 for r in records)
         first[backend] = records[0]["loss"]
     assert max(first.values()) - min(first.values()) < 1e-4, first
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_two_sharded_ranks(train_shards, tmp_path):
+    """`accelerate launch --config_file ds_configs/cpu_fsdp2.yaml tgdp/train.py` really starts 2 ranks
+    (accelerate's --cpu launcher silently starts one) and trains a sharded student."""
+    run = tmp_path / "acc"
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([accelerate, "launch", "--config_file", "ds_configs/cpu_fsdp2.yaml",
+                           "--main_process_port", str(free_port()), "tgdp/train.py", *common(train_shards, 3),
+                           "--run-dir", str(run)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    final = run / "checkpoints" / "step_00000003"
+    assert (final / "rank_0.json").is_file() and (final / "rank_1.json").is_file()
+    assert sorted(p.name for p in final.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
