@@ -48,9 +48,11 @@ def make_batch(batch: int = B, seed: int = 0) -> tuple[torch.Tensor, torch.Tenso
 
 @torch.no_grad()
 def perturb(module: torch.nn.Module, scale: float = 0.1, seed: int = 1) -> None:
+    """Move every parameter training can move (never-used norms never change, see CAVMAE)."""
     g = torch.Generator().manual_seed(seed)
-    for p in module.parameters():
-        if p.requires_grad:
+    never_used = module.never_used_parameter_names()
+    for name, p in module.named_parameters():
+        if p.requires_grad and name not in never_used:
             p.add_(scale * torch.randn(p.shape, generator=g))
 
 
