@@ -111,7 +111,7 @@ def parse_cli(
         description=description,
         epilog=(epilog or "")
         + f"\nPresets ({group}): {', '.join(available_presets(group)) or 'none'}. "
-        "Any field can be set as a dotted override, e.g. `frames.size=160`.",
+        "Any field can be set as a dotted override `section.field=value` (see --print-config).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", default=default_preset, help="preset name or path to a YAML file")

@@ -46,8 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         trainer.close()
     if summary["stopped_by"]:
-        logging.getLogger("tgdp.train").info("stopped at step %d by %s; a checkpoint was written, re-run to resume",
-                                             summary["step"], summary["stopped_by"])
+        saved = "a checkpoint was written, re-run to resume" if trainer.checkpointing else \
+            "no checkpoint (checkpointing is off for this backend)"
+        logging.getLogger("tgdp.train").info("stopped at step %d by %s; %s", summary["step"], summary["stopped_by"],
+                                             saved)
     return 0
 
 

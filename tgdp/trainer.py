@@ -88,6 +88,9 @@ class TrainConfig:
                 f"parallel.backend={self.parallel.backend} trains, but checkpointing DeepSpeed engines is not "
                 "supported yet; use parallel.backend=fsdp2 / hsdp / ddp for runs that must resume, or train "
                 "without checkpoints: checkpoint.every_steps=0 checkpoint.every_minutes=0 export_on_finish=false")
+        if self.parallel.backend in ZERO_BACKENDS and self.grad_accum > 1:
+            raise ConfigError(f"grad_accum={self.grad_accum} with parallel.backend={self.parallel.backend} is not "
+                              "supported yet (DeepSpeed counts micro-steps itself); use grad_accum=1 or fsdp2 / ddp")
         if self.init.mae_checkpoint and self.init.official_checkpoint:
             raise ConfigError("set at most one of init.mae_checkpoint and init.official_checkpoint")
 
@@ -95,8 +98,9 @@ class TrainConfig:
 class StopRequested:
     """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next step boundary and exits.
 
-    Slurm sends SIGUSR1 (`--signal`) before the time limit and SIGTERM on preemption; submitit
-    and torchrun forward them. Every rank must agree to stop at the same step (a collective
+    Slurm sends SIGUSR1 (`--signal`) before the time limit and SIGTERM on preemption. torchrun
+    forwards SIGTERM to its workers, SIGUSR1 only when listed in `--signals-to-handle`
+    (docs/training.md). Every rank must agree to stop at the same step (a collective
     follows), so the flag is all-reduced once per step.
     """
 
@@ -216,6 +220,7 @@ class Trainer:
         if data_state is not None:
             self.loader.load_state_dict(data_state["data"])
         self.run_id = result.extra.get("run_id")
+        self._last_saved_step = self.step
         for note in result.notes:
             log.warning(note)
         log.info("resumed from %s at step %d", result.path, self.step)
@@ -244,7 +249,8 @@ class Trainer:
         logger = MetricLogger(cfg.logging, self.run_dir, run_id=self.run_id, config=to_dict(cfg), rank=env.rank,
                               total_steps=cfg.total_steps, start_step=self.step)
         self.run_id = logger.run_id if env.rank == 0 else self.run_id
-        peak, peak_source = peak_flops(self.device, override=cfg.logging.peak_tflops)
+        override = None if cfg.logging.peak_tflops is None else cfg.logging.peak_tflops * 1e12
+        peak, peak_source = peak_flops(self.device, override=override)
         meter = Throughput(self.flops_per_sample, peak, env.world_size, self.device)
         batches = meter.timed(self._batches())
         self.stop.install()
@@ -256,7 +262,7 @@ class Trainer:
                 meter.step_done(cfg.data.batch_size * cfg.grad_accum,
                                 self._flops_at(self.step - 1))
                 if logger.should_log(self.step) or self.step == cfg.total_steps:
-                    record = {**terms, "train/lr": float(self.lrs[self.step - 1]),
+                    record = {**_mean_over_ranks(terms, self.device), "train/lr": float(self.lrs[self.step - 1]),
                               "train/ema_momentum": self.task.momentum(self.step - 1),
                               "train/grad_norm": grad_norm, "train/step_applied": float(applied),
                               "train/contrastive_mask_ratio": out.contrastive_mask_ratio,
@@ -322,11 +328,11 @@ class Trainer:
         else:
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_streak += 1
-            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step,
+            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step + 1,
                         self.nonfinite_streak)
             if self.nonfinite_streak >= cfg.max_nonfinite_steps:
                 raise NonFiniteStop(
-                    f"{self.nonfinite_streak} consecutive steps with non-finite loss/gradients (last: step {step}); "
+                    f"{self.nonfinite_streak} consecutive steps with non-finite loss/gradients (last: step {step + 1}); "
                     f"a checkpoint of the last good state is in {self.ckpt.root}. Lower optim.lr, check the data "
                     "(data/skipped), or use parallel.mixed_precision=fp32 to investigate")
         terms = {_metric_name(k): v for k, v in sums.items()}
@@ -354,6 +360,18 @@ class Trainer:
         if self.task.teacher is not None:
             models["teacher"] = self.task.teacher
         return self.ckpt.export_consolidated(self.run_dir / "export" / "model.safetensors", models)
+
+
+def _mean_over_ranks(terms: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Loss terms averaged over ranks: each rank's InfoNCE is the mean over ITS rows, so the mean of
+    the ranks' values is the global-batch loss (tgdp.losses.info_nce). One small all-reduce."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not terms:
+        return terms
+    names = sorted(terms)
+    values = torch.tensor([terms[n] for n in names], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    values /= dist.get_world_size()
+    return dict(zip(names, values.tolist()))
 
 
 def _metric_name(term: str) -> str:

@@ -94,9 +94,9 @@ def init_distributed(*, init_method: Optional[str] = None, device: Optional[str]
         raise ConfigError(f"expected {expected_world_size} processes but the launcher started {world} "
                           "(accelerate's --cpu / MULTI_CPU launcher starts one; see docs/sharding.md)")
 
-    if device is not None:
+    if device is not None and not (device == "cuda" and torch.cuda.is_available()):
         dev = torch.device(device)
-    elif torch.cuda.is_available():
+    elif torch.cuda.is_available():  # "cuda" or auto: this rank's GPU on the node
         dev = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
     else:
         dev = torch.device("cpu")
