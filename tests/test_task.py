@@ -377,3 +377,40 @@ def test_never_used_parameters_are_exactly_those_without_gradients(preset: str) 
     out.loss.backward()
     no_grad = {n for n, p in task.student.named_parameters() if p.requires_grad and p.grad is None}
     assert no_grad == task.student.never_used_parameter_names() and no_grad
+
+
+# ------------------------------------------------------------------------- gradient accumulation
+def test_accumulation_with_a_bank_equals_one_big_batch() -> None:
+    """Two micro-batches with the contrastive bank give the gradients of ONE batch of both.
+
+    Unmasked contrastive pass (ratio 0, mode dual) and only the contrastive loss, so the big batch
+    and the micro-batches see exactly the same vectors whatever masks each draws."""
+    overrides = ("mode=dual", "contrastive_mask_ratio=0.0", "recon_weight=0.0", "distill=false")
+    big, accum = make_task(*overrides), make_task(*overrides)
+    (a0, f0), (a1, f1) = make_batch(4, seed=1), make_batch(4, seed=2)
+    big(torch.cat([a0, a1]), torch.cat([f0, f1]), step=3).loss.backward()
+    bank = accum.contrastive_bank([(a0, f0), (a1, f1)], step=3)
+    losses = []
+    for j, (a, f) in enumerate([(a0, f0), (a1, f1)]):
+        out = accum(a, f, step=3, micro_batch=j, grad_accum=2, bank=bank)
+        out.loss.backward()
+        losses.append(out.loss_contrastive)
+    for (name, p), q in zip(big.student.named_parameters(), accum.student.parameters()):
+        if p.grad is None:
+            assert q.grad is None, name
+            continue
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(losses[0], losses[1])
+
+
+def test_bank_vectors_are_the_ones_forward_recomputes() -> None:
+    """With teacher-ranked masks the spliced fresh rows must equal the bank's (same masks)."""
+    task = make_task()
+    perturb(task.teacher, seed=4)
+    micro = [make_batch(4, seed=1), make_batch(4, seed=2)]
+    bank = task.contrastive_bank(micro, step=5)
+    expected, _ = info_nce(torch.cat(bank.cls_a), torch.cat(bank.cls_v), task.cfg.temperature)
+    for j, (a, f) in enumerate(micro):
+        with torch.no_grad():
+            out = task(a, f, step=5, micro_batch=j, grad_accum=2, bank=bank)
+        torch.testing.assert_close(out.loss_contrastive, expected.float(), rtol=1e-5, atol=1e-6)

@@ -300,21 +300,27 @@ class Trainer:
         sums: dict[str, float] = {}
         losses = []
         out = None
-        for micro in range(cfg.grad_accum):
-            batch = next(batches)
-            audio = batch["audio"].to(self.device, non_blocking=True)
-            frames = batch["frames"].to(self.device, non_blocking=True)
+        inputs = [(b["audio"].to(self.device, non_blocking=True), b["frames"].to(self.device, non_blocking=True))
+                  for b in (next(batches) for _ in range(cfg.grad_accum))]
+        # Accumulation keeps the WHOLE step's batch as InfoNCE negatives (docs/training.md).
+        bank = task.contrastive_bank(inputs, step, self.env.rank) \
+            if cfg.grad_accum > 1 and cfg.task.contrastive_loss == "symmetric_gather" else None
+        for micro, (audio, frames) in enumerate(inputs):
             self._last_inputs = (audio, frames)
-            out = task(audio, frames, step, self.env.rank, micro)
+            out = task(audio, frames, step, self.env.rank, micro, grad_accum=cfg.grad_accum, bank=bank)
             if step + 1 in cfg.inject_nonfinite_steps:
                 out.loss = out.loss * float("nan")
-            loss = out.loss if self.is_engine else out.loss / cfg.grad_accum  # DeepSpeed divides itself
+            loss = out.loss  # this micro-batch's share (the task divides by grad_accum)
             losses.append(out.loss.detach())
             if not _all_finite([out.loss.detach()], self.device):
                 continue  # every rank skips this backward together
             P.backward(self.wrapped, loss)
             for name, value in out.scalars().items():
                 sums[name] = sums.get(name, 0.0) + float(value) / cfg.grad_accum
+        if sums:  # the step's total from its averaged terms (`out.loss` is a micro-batch's share)
+            t = cfg.task
+            sums["loss"] = t.recon_weight * sums["loss_recon"] + t.contrastive_weight * sums["loss_contrastive"] + (
+                t.distill_weight * sums["loss_distill"] if t.distill_active else 0.0)
         finite = _all_finite(losses, self.device)
         grad_norm = float("nan")
         if not self.is_engine:

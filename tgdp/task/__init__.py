@@ -11,7 +11,7 @@ Generic pieces it uses live beside it: tgdp/schedules.py (per-step arrays), tgdp
 
 from tgdp.task.config import CONTRASTIVE_LOSSES, MODES, TaskConfig
 from tgdp.task.flops import flops_breakdown, flops_per_sample
-from tgdp.task.task import TEACHER_METHODS, Schedules, TaskOutput, TGDPTask, build_task
+from tgdp.task.task import TEACHER_METHODS, ContrastiveBank, Schedules, TaskOutput, TGDPTask, build_task
 
 __all__ = [
     "CONTRASTIVE_LOSSES", "MODES", "Schedules", "TEACHER_METHODS", "TGDPTask", "TaskConfig", "TaskOutput",

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -88,6 +88,32 @@ class TaskOutput:
     def scalars(self) -> dict[str, Tensor]:
         """The scalar terms as detached 0-d tensors (no host sync: the trainer decides when to `.item()`)."""
         return {name: getattr(self, name).detach() for name in self.SCALARS}
+
+
+@dataclass
+class ContrastiveBank:
+    """The global vectors of EVERY micro-batch of a step, computed without gradients.
+
+    Gradient accumulation with in-batch negatives (open_clip's recipe): before the backward
+    passes, each micro-batch's contrastive vectors are computed under no_grad; micro-batch j's
+    forward then splices its fresh, grad-carrying vectors into that bank, so its InfoNCE runs over
+    the WHOLE step's batch (all micro-batches, gathered across ranks). Summed over j, the gradients
+    equal those of one big batch. Exact because the masks of micro-batch j depend only on
+    (seed, step, rank, j): the recomputation sees the same masks. The teacher's outputs are kept
+    too, so the teacher runs once per micro-batch.
+    """
+
+    cls_a: list[Tensor]  # per micro-batch [B, D]
+    cls_v: list[Tensor]
+    teacher: list[Optional[TeacherOutput]]
+
+    def __len__(self) -> int:
+        return len(self.cls_a)
+
+    def splice(self, j: int, fresh_a: Tensor, fresh_v: Tensor) -> tuple[Tensor, Tensor]:
+        """[M * B, D] vectors of the step with micro-batch j's rows replaced by the fresh ones."""
+        return (torch.cat(self.cls_a[:j] + [fresh_a] + self.cls_a[j + 1:]),
+                torch.cat(self.cls_v[:j] + [fresh_v] + self.cls_v[j + 1:]))
 
 
 def _detached(x: Tensor) -> Tensor:
@@ -185,23 +211,31 @@ class TGDPTask(nn.Module):
             ema_update_(local_pairs(self.student, self.teacher), 0.0)
 
     # ------------------------------------------------------------------ the step
-    def forward(self, audio: Tensor, frames: Tensor, step: int, rank: int = 0, micro_batch: int = 0) -> TaskOutput:
-        """audio [B, T, F], frames [B, 3, H, W] -> TaskOutput. Masks depend only on the ints given."""
+    def forward(self, audio: Tensor, frames: Tensor, step: int, rank: int = 0, micro_batch: int = 0,
+                grad_accum: int = 1, bank: Optional[ContrastiveBank] = None) -> TaskOutput:
+        """audio [B, T, F], frames [B, 3, H, W] -> TaskOutput. Masks depend only on the ints given.
+
+        `loss` is this micro-batch's share of the step's loss: per-sample terms divided by
+        `grad_accum`; the contrastive term too, unless a `bank` (see ContrastiveBank) makes it the
+        whole step's InfoNCE, whose gradient reaches only this micro-batch's rows.
+        """
         cfg, student = self.cfg, self.student
         batch, device = audio.shape[0], audio.device
-
-        def generator(stream: str) -> torch.Generator:
-            return mask_generator(cfg.seed, step, rank, micro_batch, stream)
+        if bank is not None and len(bank) != grad_accum:
+            raise ValueError(f"the bank holds {len(bank)} micro-batches, grad_accum is {grad_accum}")
 
         # (1) teacher: full view, no grad -> priorities and full-view CLS targets
-        teacher_out = self._teacher_pass(audio, frames) if self.teacher is not None else None
+        if bank is not None:
+            teacher_out = bank.teacher[micro_batch]
+        else:
+            teacher_out = self._teacher_pass(audio, frames) if self.teacher is not None else None
 
         # (2) reconstruction pass (tokens are shared with pass 3: one patch embedding per step)
         tokens_a, tokens_v = student.tokenize(audio, frames)
-        r = cfg.recon_mask_ratio
-        mask_a, mask_v = student.random_masks(batch, r, r, generator("recon"), cfg.audio_mask_mode, device)
+        mask_a, mask_v = self._recon_masks(batch, step, rank, micro_batch, device)
         if cfg.mode == "single":  # CAV-MAE: one encoding feeds the decoder AND the contrastive vectors
             latent, glob = student.encode_single_pass(tokens_a, tokens_v, mask_a, mask_v)
+            con_a, con_v, con_ratio = mask_a, mask_v, cfg.recon_mask_ratio
         else:
             latent = student.encode_masked(tokens_a, tokens_v, mask_a, mask_v)
         pred_a, pred_v = student.forward_decoder(latent, mask_a, mask_v)
@@ -210,25 +244,26 @@ class TGDPTask(nn.Module):
         loss_v = student.forward_mae_loss(pred_v, target_v, mask_v.mask)
 
         # (3) contrastive pass
-        if cfg.mode == "single":  # CAV-MAE: global vectors of the SAME masked view (see docs/model.md)
-            con_a, con_v, con_ratio = mask_a, mask_v, r
-        else:
+        if cfg.mode != "single":
             con_ratio = self.contrastive_mask_ratio(step)
-            con_a, con_v = self._contrastive_masks(batch, con_ratio, teacher_out, generator, device)
+            con_a, con_v = self._contrastive_masks(batch, con_ratio, teacher_out, step, rank, micro_batch, device)
             glob = student.encode_global(tokens_a, tokens_v, con_a, con_v)
+        vec_a, vec_v = (glob.cls_a, glob.cls_v) if bank is None else bank.splice(micro_batch, glob.cls_a, glob.cls_v)
         if cfg.contrastive_loss == "symmetric_gather":
-            loss_c, acc = info_nce(glob.cls_a, glob.cls_v, cfg.temperature)
+            loss_c, acc = info_nce(vec_a, vec_v, cfg.temperature)
         else:
-            loss_c, acc = info_nce_local_single_direction(glob.cls_a, glob.cls_v, cfg.temperature)
+            loss_c, acc = info_nce_local_single_direction(vec_a, vec_v, cfg.temperature)
 
-        # (4) distillation and the total
-        loss = cfg.recon_weight * (loss_a + loss_v) + cfg.contrastive_weight * loss_c
+        # (4) distillation and the total (this micro-batch's share)
+        per_sample = cfg.recon_weight * (loss_a + loss_v)
         if cfg.distill_active:
             loss_d = distillation_loss(glob.cls_a, glob.cls_v, teacher_out.cls_a, teacher_out.cls_v,
                                        normalize=cfg.distill_normalize)
-            loss = loss + cfg.distill_weight * loss_d
+            per_sample = per_sample + cfg.distill_weight * loss_d
         else:
             loss_d = torch.zeros((), device=device)
+        contrastive = cfg.contrastive_weight * loss_c
+        loss = per_sample / grad_accum + (contrastive if bank is not None else contrastive / grad_accum)
 
         return TaskOutput(
             loss=loss, loss_recon=_detached(loss_a + loss_v), loss_recon_a=_detached(loss_a),
@@ -239,6 +274,34 @@ class TGDPTask(nn.Module):
             teacher_scores_v=None if teacher_out is None else teacher_out.scores_v,
             contrastive_mask_ratio=con_ratio,
         )
+
+    @torch.no_grad()
+    def contrastive_bank(self, batches: list[tuple[Tensor, Tensor]], step: int, rank: int = 0) -> ContrastiveBank:
+        """No-grad global vectors (and teacher outputs) of every micro-batch of `step`, with exactly
+        the masks `forward` will draw for them."""
+        cfg, student = self.cfg, self.student
+        bank = ContrastiveBank([], [], [])
+        for j, (audio, frames) in enumerate(batches):
+            batch, device = audio.shape[0], audio.device
+            teacher_out = self._teacher_pass(audio, frames) if self.teacher is not None else None
+            tokens_a, tokens_v = student.tokenize(audio, frames)
+            if cfg.mode == "single":
+                mask_a, mask_v = self._recon_masks(batch, step, rank, j, device)
+                _, glob = student.encode_single_pass(tokens_a, tokens_v, mask_a, mask_v)
+            else:
+                con_a, con_v = self._contrastive_masks(batch, self.contrastive_mask_ratio(step), teacher_out, step,
+                                                       rank, j, device)
+                glob = student.encode_global(tokens_a, tokens_v, con_a, con_v)
+            bank.cls_a.append(glob.cls_a)
+            bank.cls_v.append(glob.cls_v)
+            bank.teacher.append(teacher_out)
+        return bank
+
+    def _recon_masks(self, batch: int, step: int, rank: int, micro_batch: int,
+                     device: torch.device) -> tuple[Masking, Masking]:
+        r = self.cfg.recon_mask_ratio
+        g = mask_generator(self.cfg.seed, step, rank, micro_batch, "recon")
+        return self.student.random_masks(batch, r, r, g, self.cfg.audio_mask_mode, device)
 
     @torch.no_grad()
     def _teacher_pass(self, audio: Tensor, frames: Tensor) -> TeacherOutput:
@@ -259,11 +322,14 @@ class TGDPTask(nn.Module):
             reshard()
         return out
 
-    def _contrastive_masks(self, batch: int, ratio: float, teacher_out: Optional[TeacherOutput],
-                           generator: Callable[[str], torch.Generator],
-                           device: torch.device) -> tuple[Masking, Masking]:
+    def _contrastive_masks(self, batch: int, ratio: float, teacher_out: Optional[TeacherOutput], step: int,
+                           rank: int, micro_batch: int, device: torch.device) -> tuple[Masking, Masking]:
         """Pass-2 masks: random (mode dual) or the top of a teacher-guided / random ranking (mode tgdp)."""
         cfg, student = self.cfg, self.student
+
+        def generator(stream: str) -> torch.Generator:
+            return mask_generator(cfg.seed, step, rank, micro_batch, stream)
+
         if cfg.mode == "dual":
             return student.random_masks(batch, ratio, ratio, generator("contrastive"), cfg.audio_mask_mode, device)
         g = generator("ranking")
@@ -282,4 +348,4 @@ def build_task(model_cfg: ModelConfig, task_cfg: TaskConfig, total_steps: int,
     return TGDPTask(build_model(model_cfg, device), task_cfg, total_steps)
 
 
-__all__ = ["Schedules", "TEACHER_METHODS", "TGDPTask", "TaskOutput", "build_task"]
+__all__ = ["ContrastiveBank", "Schedules", "TEACHER_METHODS", "TGDPTask", "TaskOutput", "build_task"]
