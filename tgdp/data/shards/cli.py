@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import sys
 from collections import Counter
+from pathlib import Path
 from typing import Sequence
 
 from tgdp.config import parse_cli
 from tgdp.data.format import INDEX_NAME, REPORT_NAME
 from tgdp.data.shards.config import ShardingConfig
+from tgdp.data.shards.parts import MergeError, merge_parts
 from tgdp.data.shards.run import make_shards
 from tgdp.data.shards.sources import ManifestError
 from tgdp.data.shards.writer import ResumeMismatchError
@@ -47,11 +50,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {count:6d} x {reason}")
     if result.failures:
         print(f"every unusable input and its reason: {result.output / REPORT_NAME}")
+    if result.shards:
+        print(f"index: {result.output / INDEX_NAME}")
+    if cfg.num_tasks > 1:  # a part with no usable clip still counts as finished for the merge
+        _merge_if_last(cfg)
+        return 0
     if not result.shards:
         print("make_shards: error: no usable clip; nothing was written", file=sys.stderr)
         return 1
-    print(f"index: {result.output / INDEX_NAME}")
     return 0
+
+
+def _merge_if_last(cfg: ShardingConfig) -> None:
+    """The task that finishes last writes the merged index: each task tries after writing its own
+    report, under a lock, so the one that sees every part finished is exactly the last one."""
+    with open(Path(cfg.output) / ".merge.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            merged = merge_parts(cfg.output, expect_tasks=cfg.num_tasks)
+        except MergeError as exc:
+            if not exc.pending:
+                raise
+            print(f"{len(exc.pending)} of {cfg.num_tasks} parts not finished yet; the task that finishes last "
+                  "writes the merged index (or run data_tools/merge_shards.py)")
+            return
+    print(f"merged {merged.parts} parts: {merged.samples} samples in {len(merged.shards)} shards "
+          f"-> {merged.output / INDEX_NAME}")
 
 
 if __name__ == "__main__":

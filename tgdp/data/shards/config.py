@@ -35,6 +35,12 @@ class ShardingConfig:
     workers: int = 0  # 0 = one per CPU core; 1 = in-process (no pool)
     start_method: str = "forkserver"  # decoders in forked workers have deadlocked for others
     progress: bool = True
+    # Cluster sharding (slurm/make_shards.sbatch): task `task_index` of `num_tasks` shards its
+    # contiguous slice of the (shuffled) clip order into <output>/part-<task>-of-<tasks>/, with its
+    # own index, report and resume journal; data_tools/merge_shards.py then writes one index over
+    # all parts. num_tasks=1 writes straight into <output> as before.
+    task_index: int = 0
+    num_tasks: int = 1
     frames: FramesConfig = field(default_factory=FramesConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
 
@@ -53,6 +59,11 @@ class ShardingConfig:
             raise ConfigError(f"max_bytes_per_shard must be >= 1, got {self.max_bytes_per_shard}")
         if self.workers < 0:
             raise ConfigError(f"workers must be >= 0 (0 = one per core), got {self.workers}")
+        if self.num_tasks < 1:
+            raise ConfigError(f"num_tasks must be >= 1, got {self.num_tasks}")
+        if not 0 <= self.task_index < self.num_tasks:
+            raise ConfigError(f"task_index must be in 0..num_tasks-1 = 0..{self.num_tasks - 1}, got {self.task_index} "
+                              "(Slurm array ids must start at 0: --array=0-N)")
         if self.start_method not in ("forkserver", "spawn", "fork"):
             raise ConfigError(f"start_method must be forkserver, spawn or fork, got {self.start_method!r}")
         if not 1 <= self.frames.count <= 99:

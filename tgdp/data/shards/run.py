@@ -18,6 +18,7 @@ from tgdp.config import to_dict
 from tgdp.data.format import FORMAT_VERSION, REPORT_NAME, ShardInfo, write_index, write_json_atomic
 from tgdp.data.shards.config import ShardingConfig
 from tgdp.data.shards.extract import ClipError, extract_clip
+from tgdp.data.shards.parts import part_name, task_slice
 from tgdp.data.shards.sources import Clip, read_clips
 from tgdp.data.shards.writer import (
     Journal,
@@ -51,11 +52,18 @@ class RunResult:
 
 
 def make_plan(clips: list[Clip], cfg: ShardingConfig) -> list[Clip]:
-    """Clip order of the shard set: the manifest order, shuffled with the seed."""
+    """Clip order of the shard set: the manifest order, shuffled with the seed; a cluster task
+    (num_tasks > 1) keeps its contiguous slice of that order (tgdp/data/shards/parts.py)."""
     order = list(clips)
     if cfg.shuffle:
         random.Random(cfg.seed).shuffle(order)
-    return order
+    return order[task_slice(len(order), cfg.task_index, cfg.num_tasks)]
+
+
+def output_dir(cfg: ShardingConfig) -> Path:
+    """Where this run writes: `output`, or its part folder for a task of a cluster run."""
+    out = Path(cfg.output)
+    return out / part_name(cfg.task_index, cfg.num_tasks) if cfg.num_tasks > 1 else out
 
 
 def _init_worker() -> None:
@@ -92,7 +100,7 @@ def _results(plan: list[Clip], start: int, cfg: ShardingConfig) -> Iterator[tupl
 
 def make_shards(cfg: ShardingConfig) -> RunResult:
     """Run (or resume) a sharding job; see data_tools/make_shards.py for the command line."""
-    out = Path(cfg.output)
+    out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     clips = read_clips(cfg.input)
     plan = make_plan(clips, cfg)
