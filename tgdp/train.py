@@ -30,9 +30,14 @@ FLAGS = {
 }
 
 
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    """The TrainConfig this command line resolves to (exits with a message naming a bad field);
+    the Slurm launchers validate a launch with it before anything is queued (tgdp.launch)."""
+    return parse_cli(TrainConfig, "train", argv, description="TG-DP pretraining.", flags=FLAGS, default_preset="tiny")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_cli(TrainConfig, "train", argv, description="TG-DP pretraining.", flags=FLAGS,
-                    default_preset="tiny")
+    cfg = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     trainer = Trainer(cfg)
     if trainer.env.rank == 0:

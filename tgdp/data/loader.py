@@ -48,6 +48,7 @@ import copy
 import logging
 import multiprocessing as mp
 import random
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -242,6 +243,19 @@ class _Streams(IterableDataset):
 # ----------------------------------------------------------------------------- main process
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers ignore the stop signals (SIGTERM, SIGUSR1); the training process handles them.
+
+    torchrun forwards a signal to each rank's whole process group (os.killpg), and Slurm signals
+    every process of a job on preemption, so the workers get it too. With the default action they
+    would die, and a rank waiting for its next batch would crash ("DataLoader worker exited
+    unexpectedly") instead of finishing the step and writing its checkpoint. The workers still
+    end with the training process (the DataLoader shuts them down; Slurm kills what is left).
+    """
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class ShardLoader:
     """The resumable per-rank loader: iterate it once per epoch; `state_dict()` at any batch."""
 
@@ -310,7 +324,8 @@ class ShardLoader:
             ctx = mp.get_context(cfg.start_method)
             if cfg.start_method == "forkserver":  # import torch & co once in the server, not per worker
                 ctx.set_forkserver_preload(["__main__", "tgdp.data.loader"])
-            kwargs.update(multiprocessing_context=ctx, prefetch_factor=cfg.prefetch_factor, persistent_workers=False)
+            kwargs.update(multiprocessing_context=ctx, prefetch_factor=cfg.prefetch_factor, persistent_workers=False,
+                          worker_init_fn=_ignore_stop_signals)
         return kwargs
 
     def _account(self, batch: dict[str, Any]) -> None:
