@@ -17,6 +17,10 @@ if ! command -v ffmpeg >/dev/null 2>&1; then
   fi
 fi
 
+# A real one-node Slurm (munge, slurmctld, slurmd, slurmdbd + MariaDB) for the launcher tests
+# (tests/test_slurm.py starts the daemons). Skips with a message when not root or without apt.
+bash slurm/local_cluster.sh install
+
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -qq --disable-pip-version-check -e '.[dev]'

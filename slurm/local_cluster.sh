@@ -50,6 +50,7 @@ cmd_install() {
     return 0
   fi
   # No systemd here: installing does not start the services (policy-rc.d); `start` does.
+  apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     slurmctld slurmd slurmdbd slurm-client munge mariadb-server >/dev/null
   say "installed $(sinfo --version)"
