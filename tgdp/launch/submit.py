@@ -85,23 +85,39 @@ class TrainJob:
         import submitit
         import torch
 
+        from tgdp.launch.checks import run_finished
+        from tgdp.train import main, parse_args
+
         # RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR (first node), MASTER_PORT (from
         # the job id, so every segment agrees) - what tgdp.parallel.init_distributed reads. All GPUs
         # of the node stay visible (as under torchrun); the rank picks cuda:LOCAL_RANK.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         os.environ["OMP_NUM_THREADS"] = str(self.threads)
         torch.set_num_threads(self.threads)
-        from tgdp.train import main
-
-        code = main(self.train_argv)  # resumes from the newest complete checkpoint of the run dir
+        self._requeued = False
+        try:
+            code = main(self.train_argv)  # resumes from the newest complete checkpoint of the run dir
+        except BaseException:
+            if self._requeued:
+                # submitit requeued the job and exits from inside the step (possibly inside a
+                # checkpoint save, which then reports a failed save): end without a result file,
+                # as submitit intends, instead of recording this segment as a failure.
+                raise SystemExit(-1) from None
+            raise
         if code:
             raise RuntimeError(f"tgdp.train exited with status {code} (see this task's log)")
+        if not run_finished(parse_args(self.train_argv).run_dir):
+            # A SIGTERM (scancel, preemption) made the trainer checkpoint and stop: not a success.
+            raise RuntimeError("training stopped before total_steps (SIGTERM: scancel or preemption); a checkpoint "
+                               "was written: submit the same command again to resume")
         return code
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         """Called by submitit on rank 0 at the time-out / preemption signal: requeue a FRESH job.
         Nothing is saved here (the process exits right after); see the module docstring."""
         import submitit
+
+        self._requeued = True
 
         return submitit.helpers.DelayedSubmission(TrainJob(self.train_argv, self.threads))
 
@@ -146,22 +162,27 @@ def describe(cfg: SubmitConfig, train_argv: Sequence[str], executor) -> str:
 
 
 def wait_for(job, poll_s: float) -> int:
-    """Follow the job through requeues to its end; a cancelled or failed job is reported, not
-    waited on forever (submitit's own wait can hang when a job dies before writing its result and
-    sacct is unavailable, so the state is polled from sacct explicitly)."""
+    """Follow the job through its requeues to its end, by Slurm's state (sacct via submitit's
+    watcher), and only then read rank 0's result. A job killed outright (scancel, node failure) is
+    reported as failed, not waited on forever; a result file left by an earlier segment of a
+    requeued job cannot end the wait early."""
     from submitit.core.utils import FailedJobError, UncompletedJobError
 
     last = ""
-    while not job.done(force_check=True):
-        state = job.state
+    while True:
+        state = job.watcher.get_state(job.job_id, mode="force")
         if state != last:
             print(f"job {job.job_id}: {state}", flush=True)
             last = state
+        if job.watcher.is_done(job.job_id, mode="cache"):
+            break
         time.sleep(poll_s)
     try:
-        job.results()
+        if not state.startswith("COMPLETED"):
+            raise UncompletedJobError(f"Slurm reports {state}")
+        job.task(0).result()
     except (UncompletedJobError, FailedJobError) as exc:
-        print(f"job {job.job_id} failed ({job.state}): {str(exc).splitlines()[0]}\n"
+        print(f"job {job.job_id} failed ({state}): {str(exc).strip().splitlines()[-1]}\n"
               f"logs: {job.paths.folder}", file=sys.stderr)
         return 1
     print(f"job {job.job_id}: finished")
