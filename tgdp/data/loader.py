@@ -49,6 +49,7 @@ import logging
 import multiprocessing as mp
 import random
 import signal
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -243,17 +244,28 @@ class _Streams(IterableDataset):
 # ----------------------------------------------------------------------------- main process
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers ignore the stop signals (SIGTERM, SIGUSR1); the training process handles them.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """Block the stop signals (SIGTERM, SIGUSR1) in this thread while the DataLoader starts its
+    processes: the loader workers, the forkserver and multiprocessing's resource tracker inherit
+    the blocked mask and never act on these signals; the training process handles them.
 
     torchrun forwards a signal to each rank's whole process group (os.killpg), and Slurm signals
-    every process of a job on preemption, so the workers get it too. With the default action they
-    would die, and a rank waiting for its next batch would crash ("DataLoader worker exited
-    unexpectedly") instead of finishing the step and writing its checkpoint. The workers still
-    end with the training process (the DataLoader shuts them down; Slurm kills what is left).
+    every process of a job on preemption. With the default action the workers, or the forkserver
+    they watch as their parent, would die, and a rank waiting for its next batch would crash
+    ("DataLoader worker exited unexpectedly") instead of finishing the step and writing its
+    checkpoint. A signal that arrives inside this window stays pending and is delivered to the
+    training process when the mask is restored. The workers still end with the training process
+    (the DataLoader shuts them down; Slurm kills what is left).
     """
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class ShardLoader:
@@ -310,7 +322,9 @@ class ShardLoader:
         streams = self.plan.streams
         dataset = _Streams(self.cfg, self.shards, self.plan, self.rank, self.vocab, self.epoch,
                            self.batches % streams, [S.WorkerResume(**vars(w)) for w in self._workers])
-        for batch in DataLoader(dataset, batch_size=None, **self._loader_kwargs()):
+        with _stop_signals_blocked():  # iter() starts the worker processes
+            batches = iter(DataLoader(dataset, batch_size=None, **self._loader_kwargs()))
+        for batch in batches:
             self._account(batch)
             self.batches += 1
             if self.batches == len(self):
@@ -324,8 +338,7 @@ class ShardLoader:
             ctx = mp.get_context(cfg.start_method)
             if cfg.start_method == "forkserver":  # import torch & co once in the server, not per worker
                 ctx.set_forkserver_preload(["__main__", "tgdp.data.loader"])
-            kwargs.update(multiprocessing_context=ctx, prefetch_factor=cfg.prefetch_factor, persistent_workers=False,
-                          worker_init_fn=_ignore_stop_signals)
+            kwargs.update(multiprocessing_context=ctx, prefetch_factor=cfg.prefetch_factor, persistent_workers=False)
         return kwargs
 
     def _account(self, batch: dict[str, Any]) -> None:
