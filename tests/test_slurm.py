@@ -61,6 +61,17 @@ def slurm() -> None:
     pytest.skip(reason)
 
 
+def test_local_cluster_start_is_idempotent(slurm):
+    """`start` on a running cluster changes nothing: same controller process, node still usable."""
+    pid_file = Path("/run/tgdp-slurm/slurmctld.pid")
+    before = pid_file.read_text() if pid_file.exists() else None
+    started = time.time()
+    proc = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert time.time() - started < 10 and (pid_file.read_text() if pid_file.exists() else None) == before
+    assert subprocess.run(["bash", str(CLUSTER), "status"]).returncode == 0
+
+
 def job_env(**extra: str) -> dict[str, str]:
     """What a user sets before sbatch: this checkout, this interpreter, offline wandb."""
     return {**os.environ, "PYTHONPATH": str(REPO), "TGDP_REPO": str(REPO), "TGDP_PYTHON": sys.executable,
