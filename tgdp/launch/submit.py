@@ -149,6 +149,8 @@ def make_executor(cfg: SubmitConfig, folder: Path):
 def describe(cfg: SubmitConfig, train_argv: Sequence[str], executor) -> str:
     """The dry-run text: the sbatch file submitit would submit and what every node and rank runs."""
     shape = Shape(cfg.nodes, cfg.ranks_per_node)
+    # submitit has no public "render without submitting"; these two private members (submitit 1.5)
+    # produce exactly the file `submit()` would write.
     lines = [f"dry run: {shape.nodes} node(s) x {shape.procs_per_node} rank(s) = {shape.world_size} ranks "
              "(one Slurm task per rank)", "--- the sbatch file submitit would submit ---",
              executor._make_submission_file_text(executor._submitit_command_str, "<uid>").rstrip(),
