@@ -96,10 +96,12 @@ def _worker(rank: int, world: int, tmp: str, case: str) -> None:
         env = init_distributed()
     else:
         env = init_distributed(init_method=f"file://{tmp}/store")
+    finished = False
     try:
         CASES[case](env)
+        finished = True
     finally:
-        destroy_distributed()
+        destroy_distributed(wait_for_peers=finished)
 
 
 def _trained(model: CAVMAE) -> set[str]:

@@ -38,13 +38,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if trainer.env.rank == 0:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run_dir) / "config.yaml").write_text(to_yaml(cfg))
+    agreed_end = False  # every rank ends here together (finished, stopped, or the shared non-finite stop)
     try:
         summary = trainer.train()
+        agreed_end = True
     except NonFiniteStop as exc:
+        agreed_end = True
         logging.getLogger("tgdp.train").error("%s", exc)
         return 3
     finally:
-        trainer.close()
+        trainer.close(wait_for_peers=agreed_end)
     if summary["stopped_by"]:
         saved = "a checkpoint was written, re-run to resume" if trainer.checkpointing else \
             "no checkpoint (checkpointing is off for this backend)"

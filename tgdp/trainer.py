@@ -233,8 +233,9 @@ class Trainer:
         self._last_saved_step = self.step
         return path
 
-    def close(self) -> None:
-        P.destroy_distributed()
+    def close(self, wait_for_peers: bool = False) -> None:
+        """Leave the process group (after a barrier when every rank is known to end together)."""
+        P.destroy_distributed(wait_for_peers=wait_for_peers)
 
     # ------------------------------------------------------------------ the loop
     def _batches(self) -> Iterator[dict[str, Any]]:
@@ -276,8 +277,8 @@ class Trainer:
                     break
                 if self.checkpointing and self.ckpt.should_save(self.step):
                     self.save()
-            if self.checkpointing and (stopped_by or self.step >= cfg.total_steps) \
-                    and self._last_saved_step != self.step:
+            finished = self.step >= cfg.total_steps and cfg.checkpoint.save_final
+            if self.checkpointing and (stopped_by or finished) and self._last_saved_step != self.step:
                 self.save()
             if self.step >= cfg.total_steps and cfg.export_on_finish:
                 self.export()
