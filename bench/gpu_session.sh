@@ -40,6 +40,9 @@ python3 -c "import torch, deepspeed, omegaconf, webdataset; print('torch', torch
 'deepspeed', deepspeed.__version__, torch.cuda.get_device_name(0))" 2>&1 | grep -v Warning | tee -a "$OUT/gpu.txt"
 
 stage step_fp16 110 python3 bench/bench_step.py --device cuda --dtype bf16 --naive-dtype fp16 --batch 64 --repeats 10
+stage train 240 python3 bench/bench_train.py --device cuda --dtype bf16 --presets base --nproc 1 \
+  --backends none,ddp,fsdp2,zero2,zero3 --shards .gpu/shards --no-memory --steps 30 --warmup 10 \
+  --log-dir "$OUT" --override data.num_workers=6
 RUN=/tmp/tgdp_gpu_resume
 rm -rf "$RUN"
 RESUME=(python3 -m torch.distributed.run --nproc_per_node 1 --master_port 29533 tgdp/train.py --config tiny
@@ -50,9 +53,6 @@ stage resume_b 60 "${RESUME[@]}" --steps 20
 ls "$RUN/checkpoints" > "$OUT/resume_checkpoints.txt" 2>&1
 cp "$RUN/metrics.jsonl" "$OUT/resume_metrics.jsonl" 2>/dev/null
 stage step_bf16 80 python3 bench/bench_step.py --device cuda --dtype bf16 --naive-dtype bf16 --batch 64 --repeats 10
-stage train 240 python3 bench/bench_train.py --device cuda --dtype bf16 --presets base --nproc 1 \
-  --backends none,ddp,fsdp2,zero2,zero3 --shards .gpu/shards --no-memory --steps 30 --warmup 10 \
-  --log-dir "$OUT" --override data.num_workers=6
 stage compile 150 python3 bench/bench_train.py --device cuda --dtype bf16 --presets base --nproc 1 \
   --backends fsdp2 --shards .gpu/shards --no-memory --steps 30 --warmup 10 --log-dir "$OUT" \
   --override data.num_workers=6 --override parallel.compile=true
