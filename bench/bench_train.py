@@ -138,7 +138,7 @@ def run_trainer(preset: str, backend: str, nproc: int, shards: Path, run_dir: Pa
     cmd = [*launch, "tgdp/train.py", "--config", preset, "--run-dir", str(run_dir), "--shards", str(shards),
            "--steps", str(steps), *overrides(preset, backend, batch, args.device, args.dtype), *args.override]
     # Each process gets its share of the cores (one process: all of them; torchrun alone would set 1).
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank(world)), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank(world)), "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     row = Row(preset, backend, world, batch, steps - warmup, load1=os.getloadavg()[0])
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -284,7 +284,7 @@ def run_memory(args: argparse.Namespace, work: Path) -> Optional[dict[str, Any]]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port", str(free_port()),
            str(Path(__file__).resolve()), "--memory-worker", "--mem-out", str(out), "--device", args.device,
            "--mem-dtype", args.mem_dtype, "--mem-preset", args.mem_preset, "--mem-backends", args.mem_backends]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank(args.nproc)), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank(args.nproc)), "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     print(f"\nmemory helper: {time.perf_counter() - start:.0f} s wall")

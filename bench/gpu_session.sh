@@ -3,6 +3,7 @@
 # lends one for ~15 minutes in all, so the stages share one deadline and each stage is bounded).
 #
 #   bash bench/gpu_session.sh [DEADLINE_S]      # default 500 s; logs under $OUT (or ./gpu_out)
+#   STAGES='train compile' bash bench/gpu_session.sh   # only the named stages
 #
 # The machine has its own torch (no network): tgdp's other pure-Python needs travel in .gpu/site
 # (omegaconf, webdataset, deepspeed, pydantic, ...; .gpu/whl holds compiled wheels for its Python)
@@ -28,6 +29,7 @@ export PYTHONPATH="/tmp/site:$PWD/.gpu/site:$PWD"
 left() { echo $(( DEADLINE - (SECONDS - START) )); }
 stage() {  # stage NAME MAX_S CMD...: run with min(MAX_S, time left) seconds; log to $OUT/NAME.log
   local name=$1 max=$2; shift 2
+  if [ -n "${STAGES:-}" ] && [[ " $STAGES " != *" $name "* ]]; then return; fi
   local t; t=$(left); [ "$t" -gt "$max" ] && t=$max
   if [ "$t" -lt 20 ]; then echo "== $name: skipped (${t}s left)"; return; fi
   echo "== $name (limit ${t}s, $(( SECONDS - START ))s elapsed)"
