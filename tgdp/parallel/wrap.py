@@ -126,8 +126,10 @@ def _install_entry_points(model: nn.Module, hooked: Callable[[str], Callable[...
         # calls run plain; a call that did not come through an entry (wrapped(...) / model(...)
         # directly) still gets autocast.
         name = kwargs.pop(ENTRY_KWARG, "forward") if dispatch else "forward"
-        if depth[0] or autocast is None:
+        if autocast is None or (depth[0] and torch.is_autocast_enabled(device_type)):
             return plain(name, *args, **kwargs)
+        # Re-enter autocast here too: DeepSpeed's engine.forward turns autocast OFF around the module
+        # unless its own `torch_autocast` config is set, so bf16 params met fp32 inputs on CUDA.
         with torch.autocast(device_type, dtype=autocast):
             return plain(name, *args, **kwargs)
 
