@@ -187,3 +187,25 @@ def test_accelerate_launch_runs_two_sharded_ranks(train_shards, tmp_path):
     final = run / "checkpoints" / "step_00000003"
     assert (final / "rank_0.json").is_file() and (final / "rank_1.json").is_file()
     assert sorted(p.name for p in final.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["ddp", "fsdp2"])
+def test_deferred_gradient_sync_equals_reducing_every_micro_batch(train_shards, tmp_path, backend):
+    """grad_accum=2: one reduction per step (no_sync / set_requires_gradient_sync) trains the same
+    weights as reducing after every micro-batch (sums commute; only float order differs)."""
+    weights = {}
+    for defer in ("true", "false"):
+        run = tmp_path / defer
+        out = finish(torchrun(common(train_shards, 2) + ["--run-dir", str(run), f"parallel.backend={backend}",
+                                                         "grad_accum=2", f"parallel.defer_grad_sync={defer}"],
+                              free_port()))
+        exports = sorted(run.glob("export/*.safetensors")) or sorted(run.rglob("*.safetensors"))
+        assert exports, out
+        weights[defer] = load_file(exports[-1])
+    assert weights["true"].keys() == weights["false"].keys()
+    moved = 0
+    for key, value in weights["true"].items():
+        torch.testing.assert_close(value, weights["false"][key], rtol=1e-4, atol=1e-5, msg=key)
+        moved += 1
+    assert moved > 0

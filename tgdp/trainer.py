@@ -315,7 +315,9 @@ class Trainer:
             losses.append(out.loss.detach())
             if not _all_finite([out.loss.detach()], self.device):
                 continue  # every rank skips this backward together
-            P.backward(self.wrapped, loss)
+            last = micro == cfg.grad_accum - 1
+            with P.gradient_sync(self.wrapped, enabled=last or not cfg.parallel.defer_grad_sync):
+                P.backward(self.wrapped, loss)
             for name, value in out.scalars().items():
                 sums[name] = sums.get(name, 0.0) + float(value) / cfg.grad_accum
         if sums:  # the step's total from its averaged terms (`out.loss` is a micro-batch's share)

@@ -42,6 +42,11 @@ class ParallelConfig:
     # all-gather in backward; False = ZeRO-2-like, fastest when memory allows). The teacher always
     # reshards (it has no backward to reuse them), root included.
     reshard_after_forward: bool = True
+    # Gradient accumulation (grad_accum > 1): reduce gradients across ranks once per optimizer step
+    # (the last micro-batch) instead of after every micro-batch. DDP: no extra memory. FSDP2: each
+    # rank holds UNSHARDED gradients until then (+4N bytes per rank in fp32) for 1/grad_accum of the
+    # reduce-scatters. DeepSpeed decides itself. False = reduce every micro-batch.
+    defer_grad_sync: bool = True
     # hsdp only: ranks per shard group; 0 = LOCAL_WORLD_SIZE (one node shards, nodes replicate).
     shard_group_size: int = 0
     # zero2 / zero3: DeepSpeed JSON (ZeRO knobs only: precision and batch sizes are injected from

@@ -15,9 +15,9 @@ trainer uses the returned `wrapped` object only for `backward` / `optimizer_step
 from __future__ import annotations
 
 import functools
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -299,6 +299,44 @@ def backward(wrapped: Any, loss: torch.Tensor) -> None:
         wrapped.backward(loss)
     else:
         loss.backward()
+
+
+_SYNCED_ONCE = "_tgdp_synced_once"
+
+
+@contextmanager
+def gradient_sync(wrapped: Any, enabled: bool) -> Iterator[None]:
+    """Backward passes inside run with (enabled) or without (disabled) cross-rank gradient reduction.
+
+    Gradient accumulation needs the reduction once per optimizer step, not once per micro-batch:
+    disable it for all micro-batches but the last. DDP: `no_sync()` (local .grad accumulate, the
+    last backward all-reduces their sum). FSDP2: `set_requires_gradient_sync(False)` (UNSHARDED
+    gradients accumulate locally: a full gradient copy per rank until the last micro-batch
+    reduce-scatters it, the memory-for-communication trade of `parallel.defer_grad_sync`).
+    DeepSpeed engines count micro-steps themselves; plain modules have nothing to reduce.
+    """
+    if isinstance(wrapped, nn.parallel.DistributedDataParallel):
+        # static_graph=True records the graph in the first iteration, which must be a synced one
+        # (a first backward under no_sync trips an internal assert of the reducer, torch 2.14).
+        if enabled or not getattr(wrapped, _SYNCED_ONCE, False):
+            yield
+            setattr(wrapped, _SYNCED_ONCE, True)
+            return
+        with wrapped.no_sync():
+            yield
+        return
+    if enabled or _is_engine(wrapped):
+        yield
+        return
+    toggle = getattr(wrapped, "set_requires_gradient_sync", None)  # FSDP2 (FSDPModule)
+    if toggle is None:
+        yield
+        return
+    toggle(False)
+    try:
+        yield
+    finally:
+        toggle(True)
 
 
 def optimizer_step(wrapped: Any, optimizer: Optional[torch.optim.Optimizer]) -> None:
