@@ -148,6 +148,24 @@ def test_nonfinite_steps_are_skipped_then_stop_cleanly(train_shards, tmp_path):
     assert sorted(p.name for p in (run2 / "checkpoints").glob("step_*")) == ["step_00000006"]
 
 
+def test_resume_refuses_an_incompatible_config_and_notes_harmless_changes(train_shards, tmp_path):
+    run = tmp_path / "cfg"
+    base = [sys.executable, "-m", "tgdp.train", *common(train_shards, 2), "--run-dir", str(run),
+            "parallel.backend=none", "checkpoint.every_steps=1"]
+    first = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    clash = subprocess.run(base + ["--steps", "3", "task.mode=dual"], cwd=REPO, capture_output=True, text=True,
+                           timeout=600)
+    assert clash.returncode == 2, clash.stderr
+    assert "cannot resume" in clash.stderr and "task.mode: checkpoint 'tgdp', now 'dual'" in clash.stderr
+    assert max(r["step"] for r in read_metrics(run / "metrics.jsonl")) == 2  # nothing trained under it
+    fine = subprocess.run(base + ["--steps", "3", "logging.log_every=2"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert fine.returncode == 0, fine.stderr
+    assert "resuming step_00000002 with changed settings" in fine.stderr and "logging.log_every=1->2" in fine.stderr
+    assert "resumed from" in fine.stderr
+
+
 def test_bad_config_stops_before_any_work(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tgdp.train", "--config", "tiny", "--run-dir", str(tmp_path / "r"),
                            "data.shards=/nonexistent", "model.audio_frames=96"],

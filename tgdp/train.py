@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a file (accelerate / torchrun): make `tg
     sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
     sys.path.insert(0, _repo)
 
-from tgdp.config import parse_cli, to_yaml  # noqa: E402
+from tgdp.config import ConfigError, parse_cli, to_yaml  # noqa: E402
 from tgdp.trainer import NonFiniteStop, TrainConfig, Trainer  # noqa: E402
 
 FLAGS = {
@@ -46,6 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         agreed_end = True
         logging.getLogger("tgdp.train").error("%s", exc)
         return 3
+    except ConfigError as exc:  # found after start-up (e.g. resuming under an incompatible config)
+        logging.getLogger("tgdp.train").error("%s", exc)
+        return 2
     finally:
         trainer.close(wait_for_peers=agreed_end)
     if summary["stopped_by"]:

@@ -23,6 +23,8 @@ import torch.distributed as dist
 from tgdp import parallel as P
 from tgdp.parallel.config import SHARDED_BACKENDS, ZERO_BACKENDS
 from tgdp.checkpoint import CheckpointConfig, CheckpointManager, OptimizerState
+from tgdp.checkpoint.files import read_json
+from tgdp.checkpoint.layout import META_FILE
 from tgdp.config import ConfigError, to_dict
 from tgdp.data.loader import DataConfig, ShardLoader
 from tgdp.metrics import LoggingConfig, MetricLogger, Throughput, peak_flops
@@ -210,10 +212,12 @@ class Trainer:
 
     def resume(self) -> bool:
         """Continue from the newest COMPLETE checkpoint of the run dir, if there is one."""
-        state = self.app_state()
-        result = self.ckpt.resume(state)
-        if result is None:
+        latest = self.ckpt.latest()
+        if latest is None:
             return False
+        self._check_resume_config(latest)
+        state = self.app_state()
+        result = self.ckpt.load(latest, state)
         self.step = int(state["trainer"]["step"])
         self.nonfinite_streak = int(state["trainer"]["nonfinite_streak"])
         data_state = result.rank_state if result.rank_state is not None else result.rank0_state
@@ -225,6 +229,39 @@ class Trainer:
             log.warning(note)
         log.info("resumed from %s at step %d", result.path, self.step)
         return True
+
+    # What a resumed run must share with the run that wrote the checkpoint: the weights' shapes
+    # (model) and what the optimizer state and schedules mean (task mode, optimizer). Other
+    # changes (total_steps, logging, data paths, checkpoint cadence) are legitimate on resume.
+    _RESUME_MUST_MATCH = ("model", "task.mode", "task.seed", "optim.betas", "optim.weight_decay")
+
+    def _check_resume_config(self, path: Path) -> None:
+        """Refuse to resume a checkpoint written under an incompatible config; note other changes.
+
+        Why: DCP would either fail deep inside the load with a shape error, or silently continue
+        e.g. a `dual` run as `tgdp` with another mask seed. The saved config is meta.json's copy.
+        """
+        saved = read_json(path / META_FILE).get("extra", {}).get("config")
+        if not isinstance(saved, dict):
+            log.warning("%s has no saved config: resuming without a compatibility check", path)
+            return
+        now = to_dict(self.cfg)
+
+        def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+            if not isinstance(d, dict):
+                return {prefix: d}
+            return {k: v for key, value in d.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+        old, new = {k.rstrip("."): v for k, v in flat(saved).items()}, {k.rstrip("."): v for k, v in flat(now).items()}
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        fatal = [k for k in changed if any(k == m or k.startswith(m + ".") for m in self._RESUME_MUST_MATCH)]
+        if fatal:
+            details = "; ".join(f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}" for k in fatal)
+            raise ConfigError(f"cannot resume {path} with this config ({details}). Use the run's own config "
+                              f"({self.run_dir / 'config.yaml'}) or a new run_dir")
+        if changed:
+            log.warning("resuming %s with changed settings: %s", path.name,
+                        ", ".join(f"{k}={old.get(k)!r}->{new.get(k)!r}" for k in changed))
 
     def save(self) -> Path:
         path = self.ckpt.save(self.step, self.app_state(),
