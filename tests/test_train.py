@@ -227,3 +227,18 @@ def test_deferred_gradient_sync_equals_reducing_every_micro_batch(train_shards, 
         torch.testing.assert_close(value, weights["false"][key], rtol=1e-4, atol=1e-5, msg=key)
         moved += 1
     assert moved > 0
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager_ones(train_shards, tmp_path):
+    """parallel.compile=true on 2 FSDP2 ranks: every block compiled (dynamo + AOT autograd, through
+    the packed / CLS-only / teacher-column calls) gives the eager losses. aot_eager keeps CI fast;
+    the GPU run in docs/benchmarks.md used inductor."""
+    losses = {}
+    for compiled in ("false", "true"):
+        run = tmp_path / compiled
+        out = finish(torchrun(common(train_shards, 2) + ["--run-dir", str(run), f"parallel.compile={compiled}",
+                                                         "parallel.compile_backend=aot_eager"], free_port()))
+        losses[compiled] = [r["loss"] for r in read_metrics(run / "metrics.jsonl")]
+        assert len(losses[compiled]) == 2, out
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
