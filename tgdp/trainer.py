@@ -32,7 +32,7 @@ from tgdp.models.config import ModelConfig
 from tgdp.models.interop import load_mae, load_official
 from tgdp.optim import OptimConfig, build_optimizer, lr_schedule, set_lr
 from tgdp.task import TaskConfig, TGDPTask, flops_per_sample
-from tgdp.visualize import plot_priority_map, plot_reconstruction
+from tgdp.visualize import plot_loss_curves, plot_priority_map, plot_reconstruction
 
 log = logging.getLogger("tgdp.train")
 
@@ -326,6 +326,9 @@ class Trainer:
         finally:
             self.stop.uninstall()
             logger.close()
+        metrics = self.run_dir / "metrics.jsonl"
+        if env.rank == 0 and cfg.logging.image_every and metrics.exists():  # the whole run so far, resumes included
+            plot_loss_curves(self.run_dir / "images" / "loss_curves.png", metrics, title=f"run {self.run_id}")
         return {"step": self.step, "stopped_by": stopped_by, "run_id": self.run_id}
 
     def _flops_at(self, step: int) -> float:
