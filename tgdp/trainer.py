@@ -23,7 +23,7 @@ import torch.distributed as dist
 from tgdp import parallel as P
 from tgdp.parallel.config import SHARDED_BACKENDS, ZERO_BACKENDS
 from tgdp.checkpoint import CheckpointConfig, CheckpointManager, OptimizerState
-from tgdp.config import ConfigError, to_dict
+from tgdp.config import ConfigError, config_record, to_dict
 from tgdp.data.loader import DataConfig, ShardLoader
 from tgdp.metrics import LoggingConfig, MetricLogger, Throughput, peak_flops
 from tgdp.models.config import ModelConfig
@@ -228,7 +228,7 @@ class Trainer:
 
     def save(self) -> Path:
         path = self.ckpt.save(self.step, self.app_state(),
-                              extra={"run_id": self.run_id, "config": to_dict(self.cfg)},
+                              extra={"run_id": self.run_id, "config": config_record(self.cfg)},
                               rank_state={"data": self.loader.state_dict()})
         self._last_saved_step = self.step
         return path
@@ -266,7 +266,8 @@ class Trainer:
                               "train/ema_momentum": self.task.momentum(self.step - 1),
                               "train/grad_norm": grad_norm, "train/step_applied": float(applied),
                               "train/contrastive_mask_ratio": out.contrastive_mask_ratio,
-                              "data/skipped": self.loader.skipped, **meter.summary()}
+                              "data/skipped": self.loader.skipped,
+                              "data/shard_errors": self.loader.shard_errors, **meter.summary()}
                     record["perf/peak_source"] = peak_source
                     logger.log(self.step, record)
                 if env.rank == 0 and cfg.logging.image_every and self.step % cfg.logging.image_every == 0:
