@@ -46,15 +46,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import logging
 import multiprocessing as mp
-import os
 import random
 import signal
-import threading
 from dataclasses import dataclass, field
-from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -71,11 +67,12 @@ MODES = ("resampled", "epoch")
 SPLITS = ("train", "eval", "retrieval")
 LAYOUT_POLICIES = ("fast_forward", "restart", "error")
 START_METHODS = ("forkserver", "spawn", "fork")
-# The training process's stop signals (tgdp.trainer.STOP_SIGNALS). torchrun delivers them to the
-# worker's whole process group (os.killpg) and Slurm to every process of the job step, so decoder
-# processes receive them too; their default action would kill a decoder the training process may
-# still be waiting on, turning a clean stop into "DataLoader worker exited unexpectedly".
-PARENT_SIGNALS = frozenset({signal.SIGTERM, signal.SIGUSR1})
+# Slurm's warning signal (`sbatch --signal`), a stop request for the training process. torchrun
+# forwards it to each rank's whole process group (os.killpg) and Slurm to every process of the job
+# step, so decoder processes get it too; its default action would kill a decoder the training
+# process may still be waiting on, turning a clean stop into "DataLoader worker exited
+# unexpectedly". SIGTERM is left alone: the DataLoader and multiprocessing stop workers with it.
+WORKER_BLOCKED_SIGNALS = frozenset({signal.SIGUSR1})
 # A worker that sees this many corrupt samples in a row is reading systematically wrong data
 # (e.g. shards of another format); stop instead of spinning forever.
 MAX_CONSECUTIVE_BAD = 1000
@@ -253,36 +250,20 @@ class _Streams(IterableDataset):
 # ----------------------------------------------------------------------------- signals
 
 
-def _worker_init(main_pid: int, worker_id: int) -> None:
-    """Decoder processes leave the stop signals to the training process (`main_pid`), which
-    checkpoints and then shuts them down itself. Both signals are blocked (the mask survives fork
-    and exec, so this also covers workers of a forkserver started earlier); a SIGTERM still ends
-    the worker when the training process or the worker's parent sends it (DataLoader shutdown,
-    multiprocessing's exit handler), as PyTorch's own worker handler does, and is dropped when it
-    comes from anyone else (torchrun's or Slurm's broadcast to the whole job)."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_SIGNALS)
-    threading.Thread(target=_exit_on_sigterm_from, args=(main_pid,), daemon=True, name="tgdp-sigterm").start()
-
-
-def _exit_on_sigterm_from(main_pid: int) -> None:
-    while True:
-        info = signal.sigwaitinfo({signal.SIGTERM})
-        if info.si_pid in (main_pid, os.getppid()):
-            os._exit(0)
+def _worker_init(worker_id: int) -> None:
+    """Decoder processes leave SIGUSR1 to the training process, which checkpoints and then shuts
+    them down itself. Blocked rather than ignored: the mask also survives fork and exec."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_BLOCKED_SIGNALS)
 
 
 @contextlib.contextmanager
-def _parent_signals_blocked() -> Iterator[None]:
-    """Block the stop signals in this thread while the DataLoader starts its helper processes,
-    which inherit the mask: the forkserver (its death makes every worker it forked exit, their
-    watchdog takes it for the parent) and Python's resource tracker. A signal arriving meanwhile
-    stays pending and is delivered on exit: the training process never loses a stop request."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_SIGNALS)
+def _worker_signals_blocked() -> Iterator[None]:
+    """Block SIGUSR1 in this thread while the DataLoader starts its helper processes (workers,
+    and on first use the forkserver, whose death makes every worker it forked exit, and Python's
+    resource tracker), which inherit the mask. A signal arriving meanwhile stays pending and is
+    delivered on exit: the training process never loses a stop request."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_BLOCKED_SIGNALS)
     try:
-        # Launching the resource tracker unblocks SIGTERM in this thread (CPython 3.11
-        # resource_tracker.ensure_running); launch it first, then block again for the forkserver.
-        resource_tracker.ensure_running()
-        signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_SIGNALS)
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
@@ -346,7 +327,7 @@ class ShardLoader:
         dataset = _Streams(self.cfg, self.shards, self.plan, self.rank, self.vocab, self.epoch,
                            self.batches % streams, [S.WorkerResume(**vars(w)) for w in self._workers])
         loader = DataLoader(dataset, batch_size=None, **self._loader_kwargs())
-        with _parent_signals_blocked() if self.cfg.num_workers else contextlib.nullcontext():
+        with _worker_signals_blocked() if self.cfg.num_workers else contextlib.nullcontext():
             batches = iter(loader)  # starts the worker processes
         for batch in batches:
             self._account(batch)
@@ -359,7 +340,7 @@ class ShardLoader:
         cfg = self.cfg
         kwargs: dict[str, Any] = {"num_workers": cfg.num_workers, "pin_memory": cfg.pin_memory}
         if cfg.num_workers > 0:
-            kwargs["worker_init_fn"] = functools.partial(_worker_init, os.getpid())
+            kwargs["worker_init_fn"] = _worker_init
             ctx = mp.get_context(cfg.start_method)
             if cfg.start_method == "forkserver":  # import torch & co once in the server, not per worker
                 ctx.set_forkserver_preload(["__main__", "tgdp.data.loader"])
