@@ -9,6 +9,7 @@ import errno
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -33,11 +34,16 @@ def process_env(**extra: str) -> dict[str, str]:
 
 def torchrun(args: list[str], *, script: str = "tgdp/train.py", env: dict[str, str] | None = None,
              nproc: int = 2) -> subprocess.Popen:
-    """`torchrun --nproc_per_node 2 <script> <args>` with output captured (text, merged)."""
+    """`torchrun --nproc_per_node 2 <script> <args>`; `finish` returns its output (stdout and
+    stderr). The output goes to a file, not a pipe: after a rank is SIGKILLed, helper processes of
+    the other rank (forkserver, a decoder) can outlive the job holding the pipe open, and reading
+    to EOF would wait for them (docs/reliability.md, known limits)."""
     cmd = [TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
            "--signals-to-handle", SIGNALS_TO_HANDLE, script, *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=env or process_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env or process_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
 
 
 def start_one_process(args: list[str]) -> subprocess.Popen:
@@ -53,8 +59,14 @@ def train_one_process(args: list[str], timeout: float = 300) -> subprocess.Compl
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    return out
+    """Wait for `proc` and return its output."""
+    log = getattr(proc, "log", None)
+    if log is None:
+        out, _ = proc.communicate(timeout=timeout)
+        return out
+    proc.wait(timeout=timeout)
+    log.seek(0)
+    return log.read()
 
 
 def wait_until(condition: Callable[[], bool], proc: subprocess.Popen, what: str, timeout: float = 180) -> None:
@@ -64,7 +76,7 @@ def wait_until(condition: Callable[[], bool], proc: subprocess.Popen, what: str,
         if condition():
             return
         if proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else ""
+            out = finish(proc)
             raise AssertionError(f"the process exited ({proc.returncode}) before {what}:\n{out}")
         time.sleep(0.02)
     raise AssertionError(f"timed out after {timeout} s waiting until {what}")
