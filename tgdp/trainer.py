@@ -25,7 +25,7 @@ from tgdp.parallel.config import SHARDED_BACKENDS, ZERO_BACKENDS
 from tgdp.checkpoint import CheckpointConfig, CheckpointManager, OptimizerState
 from tgdp.checkpoint.files import read_json
 from tgdp.checkpoint.layout import META_FILE
-from tgdp.config import ConfigError, to_dict
+from tgdp.config import ConfigError, config_record, to_dict
 from tgdp.data.loader import DataConfig, ShardLoader
 from tgdp.metrics import LoggingConfig, MetricLogger, Throughput, peak_flops
 from tgdp.models.config import ModelConfig
@@ -245,7 +245,7 @@ class Trainer:
         if not isinstance(saved, dict):
             log.warning("%s has no saved config: resuming without a compatibility check", path)
             return
-        now = to_dict(self.cfg)
+        now = config_record(self.cfg)  # scrubbed like the saved copy, so only real changes differ
 
         def flat(d: Any, prefix: str = "") -> dict[str, Any]:
             if not isinstance(d, dict):
@@ -265,7 +265,7 @@ class Trainer:
 
     def save(self) -> Path:
         path = self.ckpt.save(self.step, self.app_state(),
-                              extra={"run_id": self.run_id, "config": to_dict(self.cfg)},
+                              extra={"run_id": self.run_id, "config": config_record(self.cfg)},
                               rank_state={"data": self.loader.state_dict()})
         self._last_saved_step = self.step
         return path
@@ -304,7 +304,8 @@ class Trainer:
                               "train/ema_momentum": self.task.momentum(self.step - 1),
                               "train/grad_norm": grad_norm, "train/step_applied": float(applied),
                               "train/contrastive_mask_ratio": out.contrastive_mask_ratio,
-                              "data/skipped": self.loader.skipped, **meter.summary()}
+                              "data/skipped": self.loader.skipped,
+                              "data/shard_errors": self.loader.shard_errors, **meter.summary()}
                     record["perf/peak_source"] = peak_source
                     logger.log(self.step, record)
                 if env.rank == 0 and cfg.logging.image_every and self.step % cfg.logging.image_every == 0:
