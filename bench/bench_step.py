@@ -7,7 +7,10 @@ the same process, alternating, several repeats; the median is reported (and the 
 disturbed measurement when other jobs share the machine).
 
 * ours  = `TGDPTask.forward` (teacher with the fused patch-to-CLS column, each pass computing
-  only the stream it uses, one tokenisation) + backward.
+  only the stream it uses, one tokenisation, both student views packed through the
+  modality-specific blocks, last blocks of CLS-only passes for the CLS token only) + backward.
+* ours-unpacked = the same with `task.pack_passes=false` (the two student views run as two
+  passes), to show what packing alone buys.
 * naive = `tgdp.models.reference.official_style_passes` (teacher shuffles and materialises
   the [B, H, L, L] attention maps, every pass computes joint AND modality streams, tokenises
   per pass) + the same losses + backward.
@@ -19,7 +22,7 @@ TG-DP and of CAV-MAE (single pass) for the preset.
 
     python bench/bench_step.py [--model base] [--batch 4] [--threads 2] [--repeats 3]
     python bench/bench_step.py --model tiny --batch 8
-    python bench/bench_step.py --device cuda --dtype bf16 --batch 64
+    python bench/bench_step.py --device cuda --dtype bf16 --naive-dtype fp16 --batch 64
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from tgdp.models import ModelConfig  # noqa: E402
 from tgdp.models.reference import official_style_passes  # noqa: E402
 from tgdp.task import TaskConfig, TGDPTask, build_task, flops_per_sample  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def sync(device: torch.device) -> None:
@@ -70,19 +73,28 @@ def gemm_flops_per_s(m: int, k: int, n: int, dtype: torch.dtype, device: torch.d
     return 2.0 * m * k * n / statistics.median(times)
 
 
-def make_steps(task: TGDPTask, audio: torch.Tensor, frames: torch.Tensor, autocast) -> dict[str, Callable[[], float]]:
-    """Two closures running forward + backward of one step; each returns the step's loss."""
+def make_steps(task: TGDPTask, audio: torch.Tensor, frames: torch.Tensor, autocast,
+               naive_autocast) -> dict[str, Callable[[], float]]:
+    """Closures running forward + backward of one step; each returns the step's loss."""
     cfg = task.cfg
 
-    def ours() -> float:
-        with autocast():
-            out = task(audio, frames, step=0)
-        out.loss.backward()
-        task.student.zero_grad(set_to_none=True)
-        return float(out.loss.detach())
+    def ours_with(pack: bool) -> Callable[[], float]:
+        def step() -> float:
+            task.cfg.pack_passes = pack
+            try:
+                with autocast():
+                    out = task(audio, frames, step=0)
+            finally:
+                task.cfg.pack_passes = cfg_pack
+            out.loss.backward()
+            task.student.zero_grad(set_to_none=True)
+            return float(out.loss.detach())
+        return step
+
+    cfg_pack = cfg.pack_passes
 
     def naive() -> float:
-        with autocast():
+        with naive_autocast():
             r = official_style_passes(task.student, task.teacher, audio, frames, cfg.recon_mask_ratio,
                                       cfg.contrastive_mask_ratio, seed=cfg.seed, step=0)
             loss_c, _ = info_nce(r["cls_a"], r["cls_v"], cfg.temperature)
@@ -93,7 +105,7 @@ def make_steps(task: TGDPTask, audio: torch.Tensor, frames: torch.Tensor, autoca
         task.student.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    return {"ours": ours, "naive": naive}
+    return {"ours": ours_with(True), "unpacked": ours_with(False), "naive": naive}
 
 
 def count_flops(fn: Callable[[], float], device: torch.device) -> float:
@@ -113,10 +125,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per side (after one warm-up each)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype (fp32 = off)")
+    parser.add_argument("--naive-dtype", choices=sorted(DTYPES), default=None,
+                        help="autocast dtype of the naive side (default: --dtype); the official code runs fp16")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    naive_dtype = DTYPES[args.naive_dtype or args.dtype]
     model_cfg = load_config(ModelConfig, "model", args.model)
     task_cfg = load_config(TaskConfig, "task", args.task)
     if (task_cfg.mode, task_cfg.ranking, task_cfg.distill, task_cfg.audio_mask_mode) != (
@@ -130,12 +145,14 @@ def main(argv: list[str] | None = None) -> None:
     frames = torch.randn(args.batch, model_cfg.in_chans, model_cfg.image_size, model_cfg.image_size,
                          generator=g).to(device)
 
-    def autocast():
-        if dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=dtype)
+    def autocast_of(dt: torch.dtype):
+        def autocast():
+            if dt == torch.float32:
+                return contextlib.nullcontext()
+            return torch.autocast(device_type=device.type, dtype=dt)
+        return autocast
 
-    steps = make_steps(task, audio, frames, autocast)
+    steps = make_steps(task, audio, frames, autocast_of(dtype), autocast_of(naive_dtype))
     losses = {name: fn() for name, fn in steps.items()}  # warm-up; the losses must agree
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.repeats):  # alternate, so drifts in machine load hit both sides alike
@@ -158,16 +175,19 @@ def main(argv: list[str] | None = None) -> None:
 
     B = args.batch
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"model={args.model} task={args.task} batch={B} device={device} dtype={args.dtype} "
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"model={args.model} task={args.task} batch={B} device={device} ({name}) dtype={args.dtype} "
+          f"naive_dtype={args.naive_dtype or args.dtype} "
           f"threads={torch.get_num_threads()} repeats={args.repeats} load1={load:.2f} torch={torch.__version__}")
-    print(f"loss          ours {losses['ours']:.6f}  naive {losses['naive']:.6f}  "
+    print(f"loss          ours {losses['ours']:.6f}  unpacked {losses['unpacked']:.6f}  naive {losses['naive']:.6f}  "
           f"|diff| {abs(losses['ours'] - losses['naive']):.2e}")
     for name in steps:
-        print(f"step time     {name:5s} median {median[name]:.4f} s  ({B / median[name]:.2f} samples/s)  "
+        print(f"step time     {name:8s} median {median[name]:.4f} s  ({B / median[name]:.2f} samples/s)  "
               f"min {min(times[name]):.4f} s  all: {' '.join(f'{t:.4f}' for t in times[name])}")
     # On a shared machine the min is the least disturbed measurement; both are printed.
     print(f"speed-up      naive / ours = {median['naive'] / median['ours']:.2f}x (median), "
-          f"{min(times['naive']) / min(times['ours']):.2f}x (min)")
+          f"{min(times['naive']) / min(times['ours']):.2f}x (min); packing alone: unpacked / ours = "
+          f"{median['unpacked'] / median['ours']:.2f}x (median)")
     print(f"EMA update    {ema * 1e3:.2f} ms ({ema / median['ours'] * 100:.1f}% of our step)")
     print(f"FLOPs/sample  counted ours {counted['ours'] / B / 1e9:.6g} G, naive {counted['naive'] / B / 1e9:.6g} G "
           f"(naive / ours {counted['naive'] / counted['ours']:.2f}x); analytic ours {analytic / 1e9:.6g} G "

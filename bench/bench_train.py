@@ -48,7 +48,6 @@ sys.path.insert(0, str(REPO))
 BACKENDS = ("none", "ddp", "fsdp2", "hsdp", "zero2", "zero3")
 ZERO = ("zero2", "zero3")
 MEMORY_BACKENDS = ("ddp", "fsdp2", "zero3")
-BIN = Path(sys.executable).parent
 # Per preset and device: (steps, warm-up steps dropped, per-rank batch). Base on 2 CPU cores takes
 # 8-17 s per step for 2 ranks at batch 2 (plus ~15 s for the final checkpoint the trainer always
 # writes), so it gets 1 warm-up + 2 measured steps; other presets use base's plan.
@@ -94,7 +93,7 @@ def make_shards(root: Path, clips: int = 32) -> Path:
 def overrides(preset: str, backend: str, batch: int, device: str, dtype: str) -> list[str]:
     """Trainer overrides: per-step metrics, no pictures / wandb / periodic checkpoints, small CPU loader."""
     out = ["logging.wandb=false", "logging.log_every=1", "logging.image_every=0", "checkpoint.every_steps=0",
-           "checkpoint.every_minutes=0", "export_on_finish=false", f"parallel.backend={backend}",
+           "checkpoint.every_minutes=0", "checkpoint.save_final=false", "export_on_finish=false", f"parallel.backend={backend}",
            f"data.batch_size={batch}", f"device={device}", f"parallel.mixed_precision={dtype}",
            "data.samples_per_epoch=4096"]  # a 32-clip corpus would otherwise restart the workers every few steps
     if device == "cpu":
@@ -134,12 +133,12 @@ def run_trainer(preset: str, backend: str, nproc: int, shards: Path, run_dir: Pa
                 peaks: dict[int, float], args: argparse.Namespace) -> Row:
     steps, warmup, batch = plan
     world = 1 if backend == "none" else nproc
-    launch = [sys.executable] if world == 1 else [str(BIN / "torchrun"), "--nproc_per_node", str(world),
-                                                  "--master_port", str(free_port())]
+    launch = [sys.executable] if backend == "none" else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(free_port())]
     cmd = [*launch, "tgdp/train.py", "--config", preset, "--run-dir", str(run_dir), "--shards", str(shards),
-           "--steps", str(steps), *overrides(preset, backend, batch, args.device, args.dtype)]
+           "--steps", str(steps), *overrides(preset, backend, batch, args.device, args.dtype), *args.override]
     # Each process gets its share of the cores (one process: all of them; torchrun alone would set 1).
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank(world)), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank(world)), "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     row = Row(preset, backend, world, batch, steps - warmup, load1=os.getloadavg()[0])
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -282,10 +281,10 @@ def memory_worker(args: argparse.Namespace) -> None:
 
 def run_memory(args: argparse.Namespace, work: Path) -> Optional[dict[str, Any]]:
     out = work / "memory.json"
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(args.nproc), "--master_port", str(free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port", str(free_port()),
            str(Path(__file__).resolve()), "--memory-worker", "--mem-out", str(out), "--device", args.device,
            "--mem-dtype", args.mem_dtype, "--mem-preset", args.mem_preset, "--mem-backends", args.mem_backends]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank(args.nproc)), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank(args.nproc)), "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     print(f"\nmemory helper: {time.perf_counter() - start:.0f} s wall")
@@ -341,6 +340,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--mem-dtype", choices=("fp32", "bf16"), default="bf16",
                         help="memory table precision (bf16: the base preset's, which sets ZeRO's master copies)")
     parser.add_argument("--mem-backends", default=",".join(MEMORY_BACKENDS))
+    parser.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
+                        help="extra trainer override for every run (repeatable), e.g. parallel.compile=true")
     parser.add_argument("--log-dir", default="", help="where failed runs' logs go (default: a new temp dir)")
     parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mem-out", default="", help=argparse.SUPPRESS)
@@ -357,6 +358,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         start = time.perf_counter()
         shards = Path(args.shards) if args.shards else make_shards(work)
         print(f"device={args.device} dtype={args.dtype} nproc={args.nproc} cpus={os.cpu_count()} "
+              f"overrides={args.override} "
               f"load1={os.getloadavg()[0]:.2f} shards={shards}")
         worlds = sorted({1 if b == "none" else args.nproc for b in args.backends.split(",")})
         peaks = {w: reference_peak(args.device, threads_per_rank(w)) for w in worlds}

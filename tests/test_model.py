@@ -348,3 +348,78 @@ def test_per_block_fully_shard_covers_every_entry_point(tiny: CAVMAE, batch, tmp
         assert sharded.blocks_u[0].attn.qkv.weight.grad is not None and sharded.pos_embed_a.grad is None
     finally:
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- packed views and CLS-only blocks
+def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("modality", [None, "a"])
+def test_block_segments_equal_separate_sequences(modality) -> None:
+    """Packed sequences: same outputs AND gradients as running each sequence alone."""
+    torch.manual_seed(0)
+    block = Block(32, 4).double()
+    x1 = torch.randn(3, 7, 32, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(3, 12, 32, dtype=torch.float64, requires_grad=True)
+    packed = block(torch.cat([x1, x2], dim=1), modality, segments=(7, 12))
+    alone = torch.cat([block(x1, modality), block(x2, modality)], dim=1)
+    assert torch.allclose(packed, alone, atol=1e-12)
+    w = torch.randn_like(packed)
+    (packed * w).sum().backward()
+    g_packed, gx_packed = _grads(block), (x1.grad.clone(), x2.grad.clone())
+    block.zero_grad(set_to_none=True)
+    x1.grad = x2.grad = None
+    (alone * w).sum().backward()
+    for name, g in _grads(block).items():
+        assert torch.allclose(g_packed[name], g, atol=1e-10), name
+    assert torch.allclose(gx_packed[0], x1.grad, atol=1e-12) and torch.allclose(gx_packed[1], x2.grad, atol=1e-12)
+    with pytest.raises(ValueError, match="do not add up"):
+        block(torch.cat([x1, x2], dim=1), segments=(7, 11))
+
+
+@pytest.mark.parametrize("modality", [None, "v"])
+def test_block_cls_only_is_row_zero_of_the_full_block(modality) -> None:
+    torch.manual_seed(0)
+    block = Block(32, 4).double()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(3, 13, 32, dtype=torch.float64)
+    full = block(x, modality)
+    assert torch.allclose(block(x, modality, cls_only=True), full[:, :1], atol=1e-12)
+    out, scores = block(x, modality, return_cls_attention=True, cls_only=True)
+    full_out, full_scores = block(x, modality, return_cls_attention=True)
+    assert out.shape == (3, 1, 32) and torch.allclose(out, full[:, :1], atol=1e-12)
+    assert torch.allclose(scores, full_scores, atol=1e-12)
+
+
+def test_encode_dual_equals_the_two_passes(tiny: CAVMAE, batch) -> None:
+    """One packed run of the modality blocks = pass 1 (joint stream) + pass 2 (CLS vectors)."""
+    audio, frames = batch
+    model = build_model(cfg_of("tiny")).double()
+    audio, frames = audio.double(), frames.double()
+    ma, mv = model.random_masks(B, 0.75, 0.75, mask_generator(1, 2, 0, 0, "recon"))
+    g = torch.Generator().manual_seed(4)
+    ca = ranked_masking(rank_patches(torch.rand(B, model.num_patches_a, generator=g)), 0.5)
+    cv = ranked_masking(rank_patches(torch.rand(B, model.num_patches_v, generator=g)), 0.5)
+
+    def losses(dual: bool) -> torch.Tensor:
+        tokens = model.tokenize(audio, frames)
+        if dual:
+            latent, glob = model.encode_dual(*tokens, ma, mv, ca, cv)
+        else:
+            latent, glob = model.encode_masked(*tokens, ma, mv), model.encode_global(*tokens, ca, cv)
+        assert (glob.local_a is None) == dual
+        return latent, glob.cls_a, glob.cls_v
+
+    packed, separate = losses(True), losses(False)
+    for p, s in zip(packed, separate):
+        assert torch.allclose(p, s, atol=1e-12)
+    sum(t.sum() * (i + 1) for i, t in enumerate(packed)).backward()
+    g_packed = _grads(model)
+    model.zero_grad(set_to_none=True)
+    sum(t.sum() * (i + 1) for i, t in enumerate(separate)).backward()
+    g_sep = _grads(model)
+    assert g_packed.keys() == g_sep.keys()
+    for name, g in g_sep.items():
+        assert torch.allclose(g_packed[name], g, atol=1e-10), name

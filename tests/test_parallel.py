@@ -22,7 +22,8 @@ from tgdp.config import ConfigError, load_config
 from tgdp.models.cavmae import CAVMAE
 from tgdp.models.config import ModelConfig
 from tgdp.parallel import (ParallelConfig, ShardingError, backward, destroy_distributed, ema_update_,
-                           gather_full_state_dict, init_distributed, local_pairs, model_state_bytes, optimizer_step,
+                           gather_full_state_dict, gradient_sync, init_distributed, local_pairs, model_state_bytes,
+                           optimizer_step,
                            shard_student, shard_teacher, shard_units, verify_sharding)
 from tgdp.parallel.zero import load_deepspeed_config
 
@@ -96,10 +97,12 @@ def _worker(rank: int, world: int, tmp: str, case: str) -> None:
         env = init_distributed()
     else:
         env = init_distributed(init_method=f"file://{tmp}/store")
+    finished = False
     try:
         CASES[case](env)
+        finished = True
     finally:
-        destroy_distributed()
+        destroy_distributed(wait_for_peers=finished)
 
 
 def _trained(model: CAVMAE) -> set[str]:
@@ -316,12 +319,53 @@ def _case_single(env) -> None:
     assert verify_sharding(model, env).fractions == [1.0]
 
 
-CASES = {"fsdp2": _case_fsdp2, "hsdp": _case_hsdp, "ddp": _case_ddp, "zero2": _case_zero2, "zero3": _case_zero3,
+def _case_deferred_sync(env) -> None:
+    """gradient_sync(enabled=False) really defers the reduction: local gradients differ across ranks
+    until a synced backward; the accumulated result equals two synced micro-batches."""
+    from torch.distributed.tensor import DTensor
+
+    def local_grad(model: CAVMAE) -> torch.Tensor:
+        g = model.blocks_a[0].attn.qkv.weight.grad
+        return (g.to_local() if isinstance(g, DTensor) else g).detach().clone()
+
+    def gathered(t: torch.Tensor) -> list[torch.Tensor]:
+        out = [torch.empty_like(t) for _ in range(env.world_size)]
+        dist.all_gather(out, t)
+        return out
+
+    fp32 = {"ddp": ParallelConfig(backend="ddp", mixed_precision="fp32"),
+            "fsdp2": ParallelConfig(backend="fsdp2", mixed_precision="fp32")}
+    for name, cfg in fp32.items():
+        results = []
+        for defer in (True, False):
+            model = tiny_model()
+            wrapped = shard_student(model, cfg, env)
+            if name == "ddp":  # DDP's static graph is recorded by a first, synced iteration
+                with gradient_sync(wrapped, enabled=False):  # ... so this one must not defer
+                    backward(wrapped, step_loss(model, env.rank))
+                a, b = gathered(local_grad(model))
+                torch.testing.assert_close(a, b)
+                model.zero_grad(set_to_none=True)
+            with gradient_sync(wrapped, enabled=not defer):
+                backward(wrapped, step_loss(model, env.rank))
+            if defer and name == "ddp":  # nothing reduced yet: each rank holds its own gradient
+                a, b = gathered(local_grad(model))
+                assert not torch.allclose(a, b), "ddp: gradients were reduced inside gradient_sync(False)"
+            with gradient_sync(wrapped, enabled=True):
+                backward(wrapped, step_loss(model, (env.rank + 1) % env.world_size))
+            results.append(local_grad(model))
+        torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6, msg=name)
+        if name == "ddp":
+            a, b = gathered(results[0])
+            torch.testing.assert_close(a, b)  # the synced backward reduced the accumulated sum
+
+
+CASES = {"deferred_sync": _case_deferred_sync, "fsdp2": _case_fsdp2, "hsdp": _case_hsdp, "ddp": _case_ddp, "zero2": _case_zero2, "zero3": _case_zero3,
          "single": _case_single}
 
 
 # ---------------------------------------------------------------------------------------------- tests
-@pytest.mark.parametrize("case", ["fsdp2", "hsdp", "ddp"])
+@pytest.mark.parametrize("case", ["fsdp2", "hsdp", "ddp", "deferred_sync"])
 def test_torch_backends_two_ranks(tmp_path: Path, case: str) -> None:
     run_ranks(tmp_path, case)
 

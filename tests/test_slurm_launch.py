@@ -90,33 +90,3 @@ def test_make_shards_sbatch_dry_run_lists_every_task(corpus, tmp_path):
     assert proc.returncode == 0, proc.stderr
     tasks = re.findall(r"^task (\d+): .*make_shards\.py task_index=(\d+) num_tasks=3 ", proc.stdout, re.M)
     assert tasks == [("0", "0"), ("1", "1"), ("2", "2")]
-
-
-LOADER_SCRIPT = """
-import signal, sys
-from tgdp.data.loader import DataConfig, ShardLoader
-stop = []
-signal.signal(signal.SIGUSR1, lambda *a: stop.append(1))   # the trainer's StopRequested, in short
-cfg = DataConfig(shards=sys.argv[1], batch_size=2, num_workers=1, audio_frames=128, frame_size=64,
-                 samples_per_epoch=64, shuffle_buffer=4, shuffle_initial=2)
-batches = iter(ShardLoader(cfg, 0, 1))
-next(batches)
-print("ready", flush=True)
-sys.stdin.readline()                     # the test signals the whole process group now
-n = sum(1 for _ in zip(range(8), batches))
-print("stop flag", bool(stop), "batches after the signal", n, flush=True)
-"""
-
-
-def test_loader_workers_survive_a_stop_signal_sent_to_the_process_group(corpus_shards):
-    """torchrun forwards SIGUSR1/SIGTERM with os.killpg: the loader's worker processes get it too.
-    They must ignore it, so the rank can finish its step and checkpoint."""
-    import signal as sig
-
-    proc = subprocess.Popen([sys.executable, "-c", LOADER_SCRIPT, str(corpus_shards)], env=env(), text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
-    os.killpg(proc.pid, sig.SIGUSR1)
-    out, err = proc.communicate("go\n", timeout=120)
-    assert proc.returncode == 0 and "stop flag True batches after the signal 8" in out, err[-3000:]

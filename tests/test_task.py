@@ -22,7 +22,7 @@ from tgdp.losses import distillation_loss, info_nce
 from tgdp.models import CAVMAE, ModelConfig
 from tgdp.models.reference import official_style_passes
 from tgdp.schedules import cosine_schedule, make_schedule, value_at
-from tgdp.task import TaskConfig, TGDPTask, build_task, flops_per_sample
+from tgdp.task import TaskConfig, TaskOutput, TGDPTask, build_task, flops_per_sample
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -414,3 +414,21 @@ def test_bank_vectors_are_the_ones_forward_recomputes() -> None:
         with torch.no_grad():
             out = task(a, f, step=5, micro_batch=j, grad_accum=2, bank=bank)
         torch.testing.assert_close(out.loss_contrastive, expected.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_packed_passes_give_the_same_losses_and_gradients() -> None:
+    """task.pack_passes (encode_dual) changes only how the work is laid out, not what is computed."""
+    audio, frames = make_batch()
+    results = []
+    for pack in (True, False):
+        task = make_task(f"pack_passes={str(pack).lower()}", seed=2).double()
+        perturb(task.teacher, seed=5)
+        out = task(audio.double(), frames.double(), step=3)
+        out.loss.backward()
+        results.append((out, {n: p.grad for n, p in task.student.named_parameters() if p.grad is not None}))
+    (packed, g_packed), (separate, g_sep) = results
+    for name in TaskOutput.SCALARS:
+        torch.testing.assert_close(getattr(packed, name), getattr(separate, name), rtol=1e-10, atol=1e-12)
+    assert g_packed.keys() == g_sep.keys()
+    for name, g in g_sep.items():
+        torch.testing.assert_close(g_packed[name], g, rtol=1e-8, atol=1e-10)

@@ -148,6 +148,24 @@ def test_nonfinite_steps_are_skipped_then_stop_cleanly(train_shards, tmp_path):
     assert sorted(p.name for p in (run2 / "checkpoints").glob("step_*")) == ["step_00000006"]
 
 
+def test_resume_refuses_an_incompatible_config_and_notes_harmless_changes(train_shards, tmp_path):
+    run = tmp_path / "cfg"
+    base = [sys.executable, "-m", "tgdp.train", *common(train_shards, 2), "--run-dir", str(run),
+            "parallel.backend=none", "checkpoint.every_steps=1"]
+    first = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    clash = subprocess.run(base + ["--steps", "3", "task.mode=dual"], cwd=REPO, capture_output=True, text=True,
+                           timeout=600)
+    assert clash.returncode == 2, clash.stderr
+    assert "cannot resume" in clash.stderr and "task.mode: checkpoint 'tgdp', now 'dual'" in clash.stderr
+    assert max(r["step"] for r in read_metrics(run / "metrics.jsonl")) == 2  # nothing trained under it
+    fine = subprocess.run(base + ["--steps", "3", "logging.log_every=2"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert fine.returncode == 0, fine.stderr
+    assert "resuming step_00000002 with changed settings" in fine.stderr and "logging.log_every=1->2" in fine.stderr
+    assert "resumed from" in fine.stderr
+
+
 def test_bad_config_stops_before_any_work(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tgdp.train", "--config", "tiny", "--run-dir", str(tmp_path / "r"),
                            "data.shards=/nonexistent", "model.audio_frames=96"],
@@ -187,3 +205,40 @@ def test_accelerate_launch_runs_two_sharded_ranks(train_shards, tmp_path):
     final = run / "checkpoints" / "step_00000003"
     assert (final / "rank_0.json").is_file() and (final / "rank_1.json").is_file()
     assert sorted(p.name for p in final.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["ddp", "fsdp2"])
+def test_deferred_gradient_sync_equals_reducing_every_micro_batch(train_shards, tmp_path, backend):
+    """grad_accum=2: one reduction per step (no_sync / set_requires_gradient_sync) trains the same
+    weights as reducing after every micro-batch (sums commute; only float order differs)."""
+    weights = {}
+    for defer in ("true", "false"):
+        run = tmp_path / defer
+        out = finish(torchrun(common(train_shards, 2) + ["--run-dir", str(run), f"parallel.backend={backend}",
+                                                         "grad_accum=2", f"parallel.defer_grad_sync={defer}"],
+                              free_port()))
+        exports = sorted(run.glob("export/*.safetensors")) or sorted(run.rglob("*.safetensors"))
+        assert exports, out
+        weights[defer] = load_file(exports[-1])
+    assert weights["true"].keys() == weights["false"].keys()
+    moved = 0
+    for key, value in weights["true"].items():
+        torch.testing.assert_close(value, weights["false"][key], rtol=1e-4, atol=1e-5, msg=key)
+        moved += 1
+    assert moved > 0
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager_ones(train_shards, tmp_path):
+    """parallel.compile=true on 2 FSDP2 ranks: every block compiled (dynamo + AOT autograd, through
+    the packed / CLS-only / teacher-column calls) gives the eager losses. aot_eager keeps CI fast;
+    the GPU run in docs/benchmarks.md used inductor."""
+    losses = {}
+    for compiled in ("false", "true"):
+        run = tmp_path / compiled
+        out = finish(torchrun(common(train_shards, 2) + ["--run-dir", str(run), f"parallel.compile={compiled}",
+                                                         "parallel.compile_backend=aot_eager"], free_port()))
+        losses[compiled] = [r["loss"] for r in read_metrics(run / "metrics.jsonl")]
+        assert len(losses[compiled]) == 2, out
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)

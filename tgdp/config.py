@@ -83,12 +83,23 @@ def _load_preset(group: str, preset: str | Path):
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """A plain, YAML/JSON-serialisable dict of a config dataclass (recorded beside outputs)."""
+    """A plain, YAML/JSON-serialisable dict of a config dataclass."""
     return dataclasses.asdict(cfg)
 
 
+def config_record(cfg: Any) -> dict[str, Any]:
+    """The config as it is recorded or shown (config.yaml, checkpoint meta.json, --print-config):
+    `to_dict` with secret-looking values and the values of secret environment variables
+    (WANDB_API_KEY, HF_TOKEN, ...) replaced by "***", so a key pasted into the wrong field never
+    reaches a file, a console or a shared run folder."""
+    from tgdp.metrics import scrub_secrets, secret_env_values  # deferred: tgdp.metrics imports this module
+
+    return scrub_secrets(to_dict(cfg), secret_env_values())
+
+
 def to_yaml(cfg: Any) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """`config_record(cfg)` as YAML."""
+    return OmegaConf.to_yaml(OmegaConf.create(config_record(cfg)))
 
 
 def parse_cli(

@@ -10,7 +10,9 @@ the final export. Re-running the same command resumes from its newest complete c
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -20,8 +22,18 @@ if __package__ in (None, ""):  # run as a file (accelerate / torchrun): make `tg
     sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
     sys.path.insert(0, _repo)
 
-from tgdp.config import parse_cli, to_yaml  # noqa: E402
+from tgdp.checkpoint import CheckpointSaveError, find_latest_complete  # noqa: E402
+from tgdp.config import ConfigError, parse_cli, to_yaml  # noqa: E402
+from tgdp.data.sampling import load_shard_set  # noqa: E402
 from tgdp.trainer import NonFiniteStop, TrainConfig, Trainer  # noqa: E402
+
+log = logging.getLogger("tgdp.train")
+
+# Exit codes besides 0 (done or stopped by a signal with a checkpoint) and 2 (unusable config or
+# path, nothing started): see docs/reliability.md.
+EXIT_NONFINITE = 3
+EXIT_SAVE_FAILED = 4
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 FLAGS = {
     "--run-dir": ("run_dir", "run directory (config, logs, checkpoints, exports)"),
@@ -38,24 +50,69 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
+    try:
+        check_paths(cfg)
+    except ConfigError as exc:  # the same contract as a bad field: exit 2 before any work starts
+        print(f"train.py: error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     trainer = Trainer(cfg)
-    if trainer.env.rank == 0:
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.run_dir) / "config.yaml").write_text(to_yaml(cfg))
+    agreed_end = False  # every rank ends here together (finished, stopped, or the shared non-finite stop)
     try:
+        if trainer.env.rank == 0:
+            Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.run_dir) / "config.yaml").write_text(to_yaml(cfg))
         summary = trainer.train()
+        agreed_end = True
     except NonFiniteStop as exc:
-        logging.getLogger("tgdp.train").error("%s", exc)
-        return 3
+        agreed_end = True
+        log.error("%s", exc)
+        return EXIT_NONFINITE
+    except ConfigError as exc:  # found after start-up (e.g. resuming under an incompatible config)
+        log.error("%s", exc)
+        return 2
+    except CheckpointSaveError as exc:
+        log.error("%s. %s", exc, _resume_hint(cfg))
+        return EXIT_SAVE_FAILED
+    except OSError as exc:
+        if exc.errno not in _DISK_FULL:
+            raise
+        log.error("writing %s failed: %s. %s", exc.filename or cfg.run_dir, os.strerror(exc.errno), _resume_hint(cfg))
+        return EXIT_SAVE_FAILED
     finally:
-        trainer.close()
+        trainer.close(wait_for_peers=agreed_end)
     if summary["stopped_by"]:
         saved = "a checkpoint was written, re-run to resume" if trainer.checkpointing else \
             "no checkpoint (checkpointing is off for this backend)"
-        logging.getLogger("tgdp.train").info("stopped at step %d by %s; %s", summary["step"], summary["stopped_by"],
-                                             saved)
+        log.info("stopped at step %d by %s; %s", summary["step"], summary["stopped_by"], saved)
     return 0
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """Every path the run needs, checked before the process group, the model or any file exists,
+    so a typo costs seconds and not a queue slot (the config schema itself was checked by
+    parse_cli). Raises ConfigError naming the field, the path and what is expected."""
+    try:
+        load_shard_set(cfg.data.shards)  # reads only the index.json files
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"data.shards={cfg.data.shards!r}: {exc}") from exc
+    for field in ("mae_checkpoint", "official_checkpoint"):
+        path = getattr(cfg.init, field)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"init.{field}={path!r} is not a file: expected a checkpoint (.pth, .pt or .safetensors)")
+    run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir={cfg.run_dir!r} is a file: expected a folder (created if missing)")
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"run_dir={cfg.run_dir!r}: {existing} is not a writable folder")
+
+
+def _resume_hint(cfg: TrainConfig) -> str:
+    """Where the run stands after a failed write: its newest complete checkpoint is untouched."""
+    latest = find_latest_complete(Path(cfg.run_dir) / cfg.checkpoint.folder, report=False)
+    where = f"the newest complete checkpoint {latest} is intact" if latest else "no complete checkpoint yet"
+    return f"Training stopped; {where}. Free space (or fix the error) and re-run the same command to resume"
 
 
 if __name__ == "__main__":

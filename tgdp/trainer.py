@@ -23,14 +23,16 @@ import torch.distributed as dist
 from tgdp import parallel as P
 from tgdp.parallel.config import SHARDED_BACKENDS, ZERO_BACKENDS
 from tgdp.checkpoint import CheckpointConfig, CheckpointManager, OptimizerState
-from tgdp.config import ConfigError, to_dict
+from tgdp.checkpoint.files import read_json
+from tgdp.checkpoint.layout import META_FILE
+from tgdp.config import ConfigError, config_record, to_dict
 from tgdp.data.loader import DataConfig, ShardLoader
 from tgdp.metrics import LoggingConfig, MetricLogger, Throughput, peak_flops
 from tgdp.models.config import ModelConfig
 from tgdp.models.interop import load_mae, load_official
 from tgdp.optim import OptimConfig, build_optimizer, lr_schedule, set_lr
 from tgdp.task import TaskConfig, TGDPTask, flops_per_sample
-from tgdp.visualize import plot_priority_map, plot_reconstruction
+from tgdp.visualize import plot_loss_curves, plot_priority_map, plot_reconstruction
 
 log = logging.getLogger("tgdp.train")
 
@@ -210,10 +212,12 @@ class Trainer:
 
     def resume(self) -> bool:
         """Continue from the newest COMPLETE checkpoint of the run dir, if there is one."""
-        state = self.app_state()
-        result = self.ckpt.resume(state)
-        if result is None:
+        latest = self.ckpt.latest()
+        if latest is None:
             return False
+        self._check_resume_config(latest)
+        state = self.app_state()
+        result = self.ckpt.load(latest, state)
         self.step = int(state["trainer"]["step"])
         self.nonfinite_streak = int(state["trainer"]["nonfinite_streak"])
         data_state = result.rank_state if result.rank_state is not None else result.rank0_state
@@ -226,15 +230,49 @@ class Trainer:
         log.info("resumed from %s at step %d", result.path, self.step)
         return True
 
+    # What a resumed run must share with the run that wrote the checkpoint: the weights' shapes
+    # (model) and what the optimizer state and schedules mean (task mode, optimizer). Other
+    # changes (total_steps, logging, data paths, checkpoint cadence) are legitimate on resume.
+    _RESUME_MUST_MATCH = ("model", "task.mode", "task.seed", "optim.betas", "optim.weight_decay")
+
+    def _check_resume_config(self, path: Path) -> None:
+        """Refuse to resume a checkpoint written under an incompatible config; note other changes.
+
+        Why: DCP would either fail deep inside the load with a shape error, or silently continue
+        e.g. a `dual` run as `tgdp` with another mask seed. The saved config is meta.json's copy.
+        """
+        saved = read_json(path / META_FILE).get("extra", {}).get("config")
+        if not isinstance(saved, dict):
+            log.warning("%s has no saved config: resuming without a compatibility check", path)
+            return
+        now = config_record(self.cfg)  # scrubbed like the saved copy, so only real changes differ
+
+        def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+            if not isinstance(d, dict):
+                return {prefix: d}
+            return {k: v for key, value in d.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+        old, new = {k.rstrip("."): v for k, v in flat(saved).items()}, {k.rstrip("."): v for k, v in flat(now).items()}
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        fatal = [k for k in changed if any(k == m or k.startswith(m + ".") for m in self._RESUME_MUST_MATCH)]
+        if fatal:
+            details = "; ".join(f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}" for k in fatal)
+            raise ConfigError(f"cannot resume {path} with this config ({details}). Use the run's own config "
+                              f"({self.run_dir / 'config.yaml'}) or a new run_dir")
+        if changed:
+            log.warning("resuming %s with changed settings: %s", path.name,
+                        ", ".join(f"{k}={old.get(k)!r}->{new.get(k)!r}" for k in changed))
+
     def save(self) -> Path:
         path = self.ckpt.save(self.step, self.app_state(),
-                              extra={"run_id": self.run_id, "config": to_dict(self.cfg)},
+                              extra={"run_id": self.run_id, "config": config_record(self.cfg)},
                               rank_state={"data": self.loader.state_dict()})
         self._last_saved_step = self.step
         return path
 
-    def close(self) -> None:
-        P.destroy_distributed()
+    def close(self, wait_for_peers: bool = False) -> None:
+        """Leave the process group (after a barrier when every rank is known to end together)."""
+        P.destroy_distributed(wait_for_peers=wait_for_peers)
 
     # ------------------------------------------------------------------ the loop
     def _batches(self) -> Iterator[dict[str, Any]]:
@@ -266,7 +304,8 @@ class Trainer:
                               "train/ema_momentum": self.task.momentum(self.step - 1),
                               "train/grad_norm": grad_norm, "train/step_applied": float(applied),
                               "train/contrastive_mask_ratio": out.contrastive_mask_ratio,
-                              "data/skipped": self.loader.skipped, **meter.summary()}
+                              "data/skipped": self.loader.skipped,
+                              "data/shard_errors": self.loader.shard_errors, **meter.summary()}
                     record["perf/peak_source"] = peak_source
                     logger.log(self.step, record)
                 if env.rank == 0 and cfg.logging.image_every and self.step % cfg.logging.image_every == 0:
@@ -276,8 +315,8 @@ class Trainer:
                     break
                 if self.checkpointing and self.ckpt.should_save(self.step):
                     self.save()
-            if self.checkpointing and (stopped_by or self.step >= cfg.total_steps) \
-                    and self._last_saved_step != self.step:
+            finished = self.step >= cfg.total_steps and cfg.checkpoint.save_final
+            if self.checkpointing and (stopped_by or finished) and self._last_saved_step != self.step:
                 self.save()
             if self.step >= cfg.total_steps and cfg.export_on_finish:
                 self.export()
@@ -288,6 +327,9 @@ class Trainer:
         finally:
             self.stop.uninstall()
             logger.close()
+        metrics = self.run_dir / "metrics.jsonl"
+        if env.rank == 0 and cfg.logging.image_every and metrics.exists():  # the whole run so far, resumes included
+            plot_loss_curves(self.run_dir / "images" / "loss_curves.png", metrics, title=f"run {self.run_id}")
         return {"step": self.step, "stopped_by": stopped_by, "run_id": self.run_id}
 
     def _flops_at(self, step: int) -> float:
@@ -314,7 +356,9 @@ class Trainer:
             losses.append(out.loss.detach())
             if not _all_finite([out.loss.detach()], self.device):
                 continue  # every rank skips this backward together
-            P.backward(self.wrapped, loss)
+            last = micro == cfg.grad_accum - 1
+            with P.gradient_sync(self.wrapped, enabled=last or not cfg.parallel.defer_grad_sync):
+                P.backward(self.wrapped, loss)
             for name, value in out.scalars().items():
                 sums[name] = sums.get(name, 0.0) + float(value) / cfg.grad_accum
         if sums:  # the step's total from its averaged terms (`out.loss` is a micro-batch's share)

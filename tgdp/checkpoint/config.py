@@ -25,6 +25,9 @@ class CheckpointConfig:
     # Keep the newest K complete checkpoints (0 = keep all). The newest complete one is never
     # deleted, whatever K says.
     keep_last: int = 3
+    # Save when the run reaches total_steps (a stop by signal or the non-finite guard always saves).
+    # Off only for throw-away runs such as benchmarks: a base checkpoint is ~4 GB.
+    save_final: bool = True
     # Also write step_<N>/model.safetensors: the gathered student + teacher weights (keys
     # `student.` / `teacher.`), readable without torch.distributed, for eval and for sharing.
     export_safetensors: bool = True

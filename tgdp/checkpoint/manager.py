@@ -221,7 +221,7 @@ class CheckpointManager:
         if self.rank == 0:
             cleanup = "the unfinished folder was removed" if remove_tree(tmp) else \
                 "removing the unfinished folder FAILED (delete it by hand; resume ignores it)"
-        cause = f": {_short(err)}" if err is not None else ""
+        cause = f": {_short(_unwrap(err)[0])}" if err is not None else ""  # the OSError, not DCP's traceback dump
         raise CheckpointSaveError(
             f"saving checkpoint step {step} failed while {stage} {tmp} (failed on rank(s) {failed}){cause}; "
             f"{cleanup}; earlier checkpoints in {self.root} are untouched") from err
@@ -366,8 +366,12 @@ def _read_rank_file(path: Path, rank: int) -> dict[str, Any] | None:
     file = path / L.rank_file_name(rank)
     if not file.is_file():
         return None
-    data = read_json(file)
-    if data.get("format") != RANK_STATE_FORMAT or data.get("rank") != rank:
+    try:
+        data = read_json(file)  # JSON only: a pickle payload in its place is never unpickled
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{file} is not a readable JSON rank state ({_short(exc, 200)}); nothing in it was "
+                              "executed") from exc
+    if not isinstance(data, dict) or data.get("format") != RANK_STATE_FORMAT or data.get("rank") != rank:
         raise CheckpointError(f"{file} is not a tgdp rank state for rank {rank}")
     return data
 

@@ -44,12 +44,12 @@ derives positions assuming no corrupt samples (exact unless that rank skipped so
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import multiprocessing as mp
 import random
 import signal
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -67,6 +67,12 @@ MODES = ("resampled", "epoch")
 SPLITS = ("train", "eval", "retrieval")
 LAYOUT_POLICIES = ("fast_forward", "restart", "error")
 START_METHODS = ("forkserver", "spawn", "fork")
+# Slurm's warning signal (`sbatch --signal`), a stop request for the training process. torchrun
+# forwards it to each rank's whole process group (os.killpg) and Slurm to every process of the job
+# step, so decoder processes get it too; its default action would kill a decoder the training
+# process may still be waiting on, turning a clean stop into "DataLoader worker exited
+# unexpectedly". SIGTERM is left alone: the DataLoader and multiprocessing stop workers with it.
+WORKER_BLOCKED_SIGNALS = frozenset({signal.SIGUSR1})
 # A worker that sees this many corrupt samples in a row is reading systematically wrong data
 # (e.g. shards of another format); stop instead of spinning forever.
 MAX_CONSECUTIVE_BAD = 1000
@@ -241,31 +247,29 @@ class _Streams(IterableDataset):
             yield batch
 
 
-# ----------------------------------------------------------------------------- main process
+# ----------------------------------------------------------------------------- signals
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+def _worker_init(worker_id: int) -> None:
+    """Decoder processes leave SIGUSR1 to the training process, which checkpoints and then shuts
+    them down itself. Blocked rather than ignored: the mask also survives fork and exec."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_BLOCKED_SIGNALS)
 
 
-@contextmanager
-def _stop_signals_blocked() -> Iterator[None]:
-    """Block the stop signals (SIGTERM, SIGUSR1) in this thread while the DataLoader starts its
-    processes: the loader workers, the forkserver and multiprocessing's resource tracker inherit
-    the blocked mask and never act on these signals; the training process handles them.
-
-    torchrun forwards a signal to each rank's whole process group (os.killpg), and Slurm signals
-    every process of a job on preemption. With the default action the workers, or the forkserver
-    they watch as their parent, would die, and a rank waiting for its next batch would crash
-    ("DataLoader worker exited unexpectedly") instead of finishing the step and writing its
-    checkpoint. A signal that arrives inside this window stays pending and is delivered to the
-    training process when the mask is restored. The workers still end with the training process
-    (the DataLoader shuts them down; Slurm kills what is left).
-    """
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+@contextlib.contextmanager
+def _worker_signals_blocked() -> Iterator[None]:
+    """Block SIGUSR1 in this thread while the DataLoader starts its helper processes (workers,
+    and on first use the forkserver, whose death makes every worker it forked exit, and Python's
+    resource tracker), which inherit the mask. A signal arriving meanwhile stays pending and is
+    delivered on exit: the training process never loses a stop request."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_BLOCKED_SIGNALS)
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+# ----------------------------------------------------------------------------- main process
 
 
 class ShardLoader:
@@ -322,8 +326,9 @@ class ShardLoader:
         streams = self.plan.streams
         dataset = _Streams(self.cfg, self.shards, self.plan, self.rank, self.vocab, self.epoch,
                            self.batches % streams, [S.WorkerResume(**vars(w)) for w in self._workers])
-        with _stop_signals_blocked():  # iter() starts the worker processes
-            batches = iter(DataLoader(dataset, batch_size=None, **self._loader_kwargs()))
+        loader = DataLoader(dataset, batch_size=None, **self._loader_kwargs())
+        with _worker_signals_blocked() if self.cfg.num_workers else contextlib.nullcontext():
+            batches = iter(loader)  # starts the worker processes
         for batch in batches:
             self._account(batch)
             self.batches += 1
@@ -335,6 +340,7 @@ class ShardLoader:
         cfg = self.cfg
         kwargs: dict[str, Any] = {"num_workers": cfg.num_workers, "pin_memory": cfg.pin_memory}
         if cfg.num_workers > 0:
+            kwargs["worker_init_fn"] = _worker_init
             ctx = mp.get_context(cfg.start_method)
             if cfg.start_method == "forkserver":  # import torch & co once in the server, not per worker
                 ctx.set_forkserver_preload(["__main__", "tgdp.data.loader"])

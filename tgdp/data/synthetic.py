@@ -56,6 +56,8 @@ class SyntheticConfig:
     def validate(self) -> None:
         if not self.output:
             raise ConfigError("output is required: the folder the corpus is written to")
+        if Path(self.output).exists() and not Path(self.output).is_dir():
+            raise ConfigError(f"output {self.output!r} is a file: expected a folder (created if missing)")
         checks = [("num_clips", self.num_clips >= 1, ">= 1"), ("num_classes", self.num_classes >= 1, ">= 1"),
                   ("duration", self.duration > 0, "> 0 seconds"), ("fps", self.fps > 0, "> 0"),
                   ("width", self.width >= 16, ">= 16 pixels"), ("height", self.height >= 16, ">= 16 pixels"),

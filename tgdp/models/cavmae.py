@@ -8,12 +8,16 @@ the backbone three ways per step; each way is one method here and computes only 
     latent = model.encode_masked(tokens_a, tokens_v, m_a, m_v)   # pass 1: joint stream only
     pred_a, pred_v = model.forward_decoder(latent, m_a, m_v)     # MAE predictions
     g = model.encode_global(tokens_a, tokens_v, r_a, r_v)        # pass 2: modality streams only
+    latent, g = model.encode_dual(tokens_a, tokens_v, m_a, m_v, r_a, r_v)  # passes 1 + 2, packed
     t = teacher.teacher_forward(audio, frames)                   # full view, CLS column only
 
 The official code runs both the joint and the modality-specific stream in every pass and throws
 one away, materialises the teacher's full attention maps, and shuffles the teacher's tokens
 (which makes its ranks index shuffled positions). None of that happens here; `reference.py`
-keeps the official behaviour for parity tests and the benchmark.
+keeps the official behaviour for parity tests and the benchmark. Beyond skipping that waste:
+`encode_dual` runs the two student views through the modality-specific blocks as ONE packed
+sequence per modality (per-view attention, shared GEMMs: `Block`'s `segments`), and passes whose
+result is the CLS vector compute their last block for token 0 only (`Block`'s `cls_only`).
 
 Sharding: every Block lives in an `nn.ModuleList` (`blocks_a`, `blocks_v`, `blocks_u`,
 `decoder_blocks`, ...) so `fully_shard` can wrap each; no Python state changes during a pass.
@@ -23,7 +27,7 @@ Methods other than `forward` that FSDP2 must hook are listed in `FSDP_FORWARD_ME
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -43,8 +47,8 @@ class GlobalOutput(NamedTuple):
 
     cls_a: torch.Tensor  # [B, D] CLS token (mean of the patch tokens when cls_token is off)
     cls_v: torch.Tensor  # [B, D]
-    local_a: torch.Tensor  # [B, n_a, D] visible audio patch tokens
-    local_v: torch.Tensor  # [B, n_v, D]
+    local_a: Optional[torch.Tensor]  # [B, n_a, D] visible audio patch tokens; None when cls_only
+    local_v: Optional[torch.Tensor]  # [B, n_v, D]
 
 
 class TeacherOutput(NamedTuple):
@@ -66,8 +70,8 @@ class PatchEmbed(nn.Module):
 
 
 class CAVMAE(nn.Module):
-    FSDP_FORWARD_METHODS = ("tokenize", "encode_masked", "encode_single_pass", "forward_decoder", "encode_global",
-                            "teacher_forward", "forward_features")
+    FSDP_FORWARD_METHODS = ("tokenize", "encode_masked", "encode_single_pass", "encode_dual", "forward_decoder",
+                            "encode_global", "teacher_forward", "forward_features")
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -193,14 +197,47 @@ class CAVMAE(nn.Module):
 
     def _modality_specific(self, a: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Visible tokens -> (CLS + tokens) after blocks_a / blocks_v, registers dropped: [B, (1) + n, D]."""
-        a, v = self._add_special_tokens(a, "a"), self._add_special_tokens(v, "v")
-        for blk in self.blocks_a:
-            a = blk(a)  # default norms (norm1 / norm2), as the official code
-        for blk in self.blocks_v:
-            v = blk(v)
-        if self.num_registers > 0:
-            a, v = a[:, : -self.num_registers], v[:, : -self.num_registers]
+        (a,), (v,) = self._modality_specific_views([a], [v])
         return a, v
+
+    def _modality_specific_views(self, views_a: Sequence[torch.Tensor],
+                                 views_v: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Several views' visible tokens through blocks_a / blocks_v as ONE packed sequence per
+        modality (attention stays within each view: `Block`'s segments). Each view comes back as
+        [B, (1) + n, D] with its registers dropped, exactly as if it had run alone.
+        """
+        out = []
+        for views, modality, blocks in ((views_a, "a", self.blocks_a), (views_v, "v", self.blocks_v)):
+            parts = [self._add_special_tokens(x, modality) for x in views]
+            lengths = tuple(x.shape[1] for x in parts)
+            x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            segments = lengths if len(parts) > 1 else None
+            for blk in blocks:
+                x = blk(x, segments=segments)  # default norms (norm1 / norm2), as the official code
+            R = self.num_registers
+            out.append([y[:, : y.shape[1] - R] for y in x.split(lengths, dim=1)])
+        return out[0], out[1]
+
+    def _joint_stream(self, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Pass 1's tail: visible patch tokens of both modalities -> blocks_u (shared norms) -> `norm`."""
+        c = int(self.use_cls)
+        x = torch.cat([a[:, c:], v[:, c:]], dim=1)  # [B, n_a + n_v, D]
+        for blk in self.blocks_u:
+            x = blk(x)
+        return self.norm(x)
+
+    def _modality_streams(self, a: torch.Tensor, v: torch.Tensor, cls_only: bool = False) -> GlobalOutput:
+        """Pass 2's tail: each modality through blocks_u with its own norms, then `_global`.
+
+        cls_only: only the CLS vectors are wanted, so the LAST unified block runs for token 0 alone
+        (contrastive heads need every token, so they turn it off)."""
+        cls_only = cls_only and self.use_cls and not self.cfg.contrastive_heads
+        last = len(self.blocks_u) - 1
+        for i, blk in enumerate(self.blocks_u):  # chained (the official loop re-applies each block to its input)
+            a = blk(a, "a", cls_only=cls_only and i == last)
+        for i, blk in enumerate(self.blocks_u):
+            v = blk(v, "v", cls_only=cls_only and i == last)
+        return self._global(a, v)
 
     def _global(self, ca: torch.Tensor, cv: torch.Tensor) -> GlobalOutput:
         """Contrastive heads (if any), norm_a / norm_v, split CLS from the patch tokens."""
@@ -211,8 +248,10 @@ class CAVMAE(nn.Module):
                 cv = blk(cv)
         if self.use_cls:  # norm the slices (not slice the normed stream): outputs are not views,
             # which FSDP2's backward hooks on a registered method's outputs prefer
+            cls_only = ca.shape[1] == 1  # the last block ran for the CLS token alone
             return GlobalOutput(self.norm_a(ca[:, 0]), self.norm_v(cv[:, 0]),
-                                self.norm_a(ca[:, 1:]), self.norm_v(cv[:, 1:]))
+                                None if cls_only else self.norm_a(ca[:, 1:]),
+                                None if cls_only else self.norm_v(cv[:, 1:]))
         ca, cv = self.norm_a(ca), self.norm_v(cv)
         return GlobalOutput(ca.mean(dim=1), cv.mean(dim=1), ca, cv)
 
@@ -224,12 +263,8 @@ class CAVMAE(nn.Module):
         The modality-specific stream of the unified layer is NOT computed (the official pass 1
         computes and discards it). The joint stream never contains CLS or register tokens.
         """
-        a, v = self._modality_specific(apply_masking(tokens_a, mask_a), apply_masking(tokens_v, mask_v))
-        c = int(self.use_cls)
-        x = torch.cat([a[:, c:], v[:, c:]], dim=1)  # [B, n_a + n_v, D]
-        for blk in self.blocks_u:
-            x = blk(x)
-        return self.norm(x)
+        return self._joint_stream(*self._modality_specific(apply_masking(tokens_a, mask_a),
+                                                           apply_masking(tokens_v, mask_v)))
 
     def encode_single_pass(self, tokens_a: torch.Tensor, tokens_v: torch.Tensor, mask_a: Masking,
                            mask_v: Masking) -> tuple[torch.Tensor, GlobalOutput]:
@@ -242,6 +277,20 @@ class CAVMAE(nn.Module):
         for blk in self.blocks_u:
             x, a, v = blk(x), blk(a, "a"), blk(v, "v")
         return self.norm(x), self._global(a, v)
+
+    def encode_dual(self, tokens_a: torch.Tensor, tokens_v: torch.Tensor, recon_a: Masking, recon_v: Masking,
+                    con_a: Masking, con_v: Masking) -> tuple[torch.Tensor, GlobalOutput]:
+        """Passes 1 and 2 of the student in one run of the modality-specific blocks.
+
+        = (`encode_masked(.., recon_a, recon_v)`, `encode_global(.., con_a, con_v, cls_only=True)`):
+        the reconstruction view and the contrastive view of each clip travel through blocks_a /
+        blocks_v side by side as one packed sequence (attention within each view), then split into
+        the joint stream (-> decoder) and the modality streams (-> CLS vectors).
+        """
+        views_a, views_v = self._modality_specific_views(
+            [apply_masking(tokens_a, recon_a), apply_masking(tokens_a, con_a)],
+            [apply_masking(tokens_v, recon_v), apply_masking(tokens_v, con_v)])
+        return self._joint_stream(views_a[0], views_v[0]), self._modality_streams(views_a[1], views_v[1], cls_only=True)
 
     def _unshuffle(self, x: torch.Tensor, masking: Masking) -> torch.Tensor:
         """Visible decoder tokens [B, k, Dd] + mask tokens -> original patch order [B, L, Dd]."""
@@ -269,20 +318,16 @@ class CAVMAE(nn.Module):
 
     # ------------------------------------------------------------------ pass 2: contrastive
     def encode_global(self, tokens_a: torch.Tensor, tokens_v: torch.Tensor, mask_a: Masking | None = None,
-                      mask_v: Masking | None = None) -> GlobalOutput:
+                      mask_v: Masking | None = None, cls_only: bool = False) -> GlobalOutput:
         """Modality-specific stream of the visible tokens (all tokens when a mask is None).
 
         [CLS, visible] -> blocks_a / blocks_v -> blocks_u with the 'a' / 'v' norms -> norm_a / norm_v.
-        The joint stream is NOT computed (the official pass 2 computes and discards it).
+        The joint stream is NOT computed (the official pass 2 computes and discards it). cls_only:
+        skip the patch tokens' work in the last block (local_a / local_v are then None).
         """
         a = tokens_a if mask_a is None else apply_masking(tokens_a, mask_a)
         v = tokens_v if mask_v is None else apply_masking(tokens_v, mask_v)
-        a, v = self._modality_specific(a, v)
-        for blk in self.blocks_u:  # chained (the official loop re-applies each block to its input)
-            a = blk(a, "a")
-        for blk in self.blocks_u:
-            v = blk(v, "v")
-        return self._global(a, v)
+        return self._modality_streams(*self._modality_specific(a, v), cls_only=cls_only)
 
     def forward_features(self, audio: torch.Tensor, frames: torch.Tensor) -> GlobalOutput:
         """Retrieval / probe features: the unmasked modality-specific stream."""
@@ -306,8 +351,10 @@ class CAVMAE(nn.Module):
         a, v = self._modality_specific(*self.tokenize(audio, frames))
         for blk in self.blocks_u[:-1]:
             a, v = blk(a, "a"), blk(v, "v")
-        a, scores_a = self.blocks_u[-1](a, "a", return_cls_attention=True)  # [B, 1 + N_a, D], [B, N_a]
-        v, scores_v = self.blocks_u[-1](v, "v", return_cls_attention=True)
+        # Only the CLS token's output and the column are used: the last block's projection and MLP
+        # run for token 0 alone.
+        a, scores_a = self.blocks_u[-1](a, "a", return_cls_attention=True, cls_only=True)  # [B, 1, D], [B, N_a]
+        v, scores_v = self.blocks_u[-1](v, "v", return_cls_attention=True, cls_only=True)
         return TeacherOutput(scores_a, scores_v, self.norm_a(a[:, 0]), self.norm_v(v[:, 0]))
 
     # ------------------------------------------------------------------ masks, targets, loss

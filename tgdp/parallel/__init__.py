@@ -17,11 +17,12 @@ from tgdp.parallel.config import BACKENDS, ParallelConfig
 from tgdp.parallel.dist import DistEnv, destroy_distributed, device_mesh, init_distributed
 from tgdp.parallel.state import (ShardingError, ShardingStats, ema_update_, gather_full_state_dict, local_pairs,
                                  model_state_bytes, verify_sharding)
-from tgdp.parallel.wrap import (backward, optimizer_step, reshard, shard_model, shard_student, shard_teacher,
+from tgdp.parallel.wrap import (backward, gradient_sync, optimizer_step, reshard, shard_model, shard_student, shard_teacher,
                                 shard_units, unwrap)
 
 __all__ = [
     "BACKENDS", "DistEnv", "ParallelConfig", "ShardingError", "ShardingStats", "backward", "destroy_distributed",
+    "gradient_sync",
     "device_mesh", "ema_update_", "gather_full_state_dict", "init_distributed", "local_pairs", "model_state_bytes",
     "optimizer_step", "reshard", "shard_model", "shard_student", "shard_teacher", "shard_units", "unwrap",
     "verify_sharding",

@@ -38,10 +38,18 @@ class ParallelConfig:
     activation_checkpointing: bool = False
     # torch.compile each block (after activation checkpointing, before sharding). Not with ZeRO.
     compile: bool = False
+    # torch.compile backend: inductor (generated kernels; the point of compiling) or aot_eager
+    # (traces forward + backward but runs eager kernels: a cheap check that blocks compile).
+    compile_backend: str = "inductor"
     # Student blocks: free the gathered parameters after forward (True = least memory, one more
     # all-gather in backward; False = ZeRO-2-like, fastest when memory allows). The teacher always
     # reshards (it has no backward to reuse them), root included.
     reshard_after_forward: bool = True
+    # Gradient accumulation (grad_accum > 1): reduce gradients across ranks once per optimizer step
+    # (the last micro-batch) instead of after every micro-batch. DDP: no extra memory. FSDP2: each
+    # rank holds UNSHARDED gradients until then (+4N bytes per rank in fp32) for 1/grad_accum of the
+    # reduce-scatters. DeepSpeed decides itself. False = reduce every micro-batch.
+    defer_grad_sync: bool = True
     # hsdp only: ranks per shard group; 0 = LOCAL_WORLD_SIZE (one node shards, nodes replicate).
     shard_group_size: int = 0
     # zero2 / zero3: DeepSpeed JSON (ZeRO knobs only: precision and batch sizes are injected from
@@ -63,6 +71,8 @@ class ParallelConfig:
         need(self.shard_group_size == 0 or self.backend == "hsdp",
              f"parallel.shard_group_size is only used by backend hsdp; set it to 0 or use parallel.backend=hsdp "
              f"(got backend {self.backend!r}, shard_group_size {self.shard_group_size})")
+        need(self.compile_backend in ("inductor", "aot_eager", "eager"),
+             f"parallel.compile_backend must be inductor, aot_eager or eager, got {self.compile_backend!r}")
         if self.backend in ZERO_BACKENDS:
             need(not self.compile, f"parallel.compile=true is not supported with parallel.backend={self.backend} "
                                    "(DeepSpeed's parameter hooks break per-block graphs); set parallel.compile=false "

@@ -15,9 +15,9 @@ trainer uses the returned `wrapped` object only for `backward` / `optimizer_step
 from __future__ import annotations
 
 import functools
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -126,8 +126,10 @@ def _install_entry_points(model: nn.Module, hooked: Callable[[str], Callable[...
         # calls run plain; a call that did not come through an entry (wrapped(...) / model(...)
         # directly) still gets autocast.
         name = kwargs.pop(ENTRY_KWARG, "forward") if dispatch else "forward"
-        if depth[0] or autocast is None:
+        if autocast is None or (depth[0] and torch.is_autocast_enabled(device_type)):
             return plain(name, *args, **kwargs)
+        # Re-enter autocast here too: DeepSpeed's engine.forward turns autocast OFF around the module
+        # unless its own `torch_autocast` config is set, so bf16 params met fp32 inputs on CUDA.
         with torch.autocast(device_type, dtype=autocast):
             return plain(name, *args, **kwargs)
 
@@ -217,7 +219,7 @@ def shard_model(model: nn.Module, cfg: ParallelConfig, env: DistEnv, *, inferenc
             _checkpoint_activations(unit)
     if cfg.compile:
         for unit in units:
-            unit.compile()
+            unit.compile(backend=cfg.compile_backend)
     bf16 = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
     dev = env.device.type
     record = Placement(backend, inference_only, shard_group_size(cfg, env))
@@ -297,6 +299,44 @@ def backward(wrapped: Any, loss: torch.Tensor) -> None:
         wrapped.backward(loss)
     else:
         loss.backward()
+
+
+_SYNCED_ONCE = "_tgdp_synced_once"
+
+
+@contextmanager
+def gradient_sync(wrapped: Any, enabled: bool) -> Iterator[None]:
+    """Backward passes inside run with (enabled) or without (disabled) cross-rank gradient reduction.
+
+    Gradient accumulation needs the reduction once per optimizer step, not once per micro-batch:
+    disable it for all micro-batches but the last. DDP: `no_sync()` (local .grad accumulate, the
+    last backward all-reduces their sum). FSDP2: `set_requires_gradient_sync(False)` (UNSHARDED
+    gradients accumulate locally: a full gradient copy per rank until the last micro-batch
+    reduce-scatters it, the memory-for-communication trade of `parallel.defer_grad_sync`).
+    DeepSpeed engines count micro-steps themselves; plain modules have nothing to reduce.
+    """
+    if isinstance(wrapped, nn.parallel.DistributedDataParallel):
+        # static_graph=True records the graph in the first iteration, which must be a synced one
+        # (a first backward under no_sync trips an internal assert of the reducer, torch 2.14).
+        if enabled or not getattr(wrapped, _SYNCED_ONCE, False):
+            yield
+            setattr(wrapped, _SYNCED_ONCE, True)
+            return
+        with wrapped.no_sync():
+            yield
+        return
+    if enabled or _is_engine(wrapped):
+        yield
+        return
+    toggle = getattr(wrapped, "set_requires_gradient_sync", None)  # FSDP2 (FSDPModule)
+    if toggle is None:
+        yield
+        return
+    toggle(False)
+    try:
+        yield
+    finally:
+        toggle(True)
 
 
 def optimizer_step(wrapped: Any, optimizer: Optional[torch.optim.Optimizer]) -> None:

@@ -58,6 +58,11 @@ class TaskConfig:
     # OUR choice (the paper reports no momentum): cosine from start to end over the run (DINO).
     ema_momentum_start: float = 0.996
     ema_momentum_end: float = 1.0
+    # --- execution (results are the same either way, up to float summation order) -------------
+    # Modes tgdp / dual: run the reconstruction and contrastive views through the modality-specific
+    # blocks as one packed sequence per modality (`CAVMAE.encode_dual`): bigger GEMMs, one gather of
+    # each sharded block per step instead of two. false = two separate passes (for comparison).
+    pack_passes: bool = True
     # --- randomness ----------------------------------------------------------------------------
     seed: int = 0  # masks are a function of (seed, step, rank, micro_batch) only
 

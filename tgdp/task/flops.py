@@ -14,11 +14,13 @@ gradient); the teacher runs forward only (1x).
 The passes are exactly those `TGDPTask.forward` runs in each mode:
 * teacher (mode tgdp when `uses_teacher`): all N + R (+ CLS) tokens through the modality
   blocks, then the unified block(s) on each modality stream; the last one carries 8 extra
-  attention channels per head (the fused patch-to-CLS column, blocks.py).
+  attention channels per head (the fused patch-to-CLS column, blocks.py) and computes its
+  projection and MLP for the CLS token only.
 * tokenize: the two patch embeddings, once per step (shared by both student passes).
 * recon: visible tokens through the modality blocks, the joint unified stream, the decoder.
 * contrastive: visible tokens (contrastive ratio) through the modality blocks and the unified
-  block on each modality stream (+ contrastive heads). In mode single the recon pass's
+  block on each modality stream (+ contrastive heads); with a CLS token and no heads, the last
+  unified block runs the query, projection and MLP for the CLS token only. In mode single the recon pass's
   modality-block output is reused (`CAVMAE.encode_single_pass`): only the unified block on each
   modality stream is added, as in CAV-MAE's own forward.
 """
@@ -32,11 +34,18 @@ from tgdp.task.config import TaskConfig
 COLUMN_PAD = 8  # extra value/query channels per head in the teacher's last block (tgdp.models.blocks)
 
 
-def block_flops(n: int, d: int, mlp_ratio: float, heads: int = 1, attn_pad: int = 0) -> float:
-    """Forward matmul FLOPs of one Block on n tokens of width d (attn_pad extra channels per head)."""
+def block_flops(n: int, d: int, mlp_ratio: float, heads: int = 1, attn_pad: int = 0,
+                queries: int | None = None, outputs: int | None = None) -> float:
+    """Forward matmul FLOPs of one Block on n tokens of width d (attn_pad extra channels per head).
+
+    queries / outputs (default n): tokens whose query is computed and attended, and tokens whose
+    projection and MLP run (Block's cls_only: 1 and 1; the teacher's last block: n and 1).
+    """
     hidden = int(d * mlp_ratio)
-    linear = 2.0 * n * (4 * d * d + 2 * d * hidden)
-    attention = 4.0 * n * n * (d + attn_pad * heads)
+    queries = n if queries is None else queries
+    outputs = n if outputs is None else outputs
+    linear = 2.0 * (queries * d * d + 2 * n * d * d) + 2.0 * outputs * (d * d + 2 * d * hidden)
+    attention = 4.0 * queries * n * (d + attn_pad * heads)
     return linear + attention
 
 
@@ -47,13 +56,20 @@ def _encoder_streams(m: ModelConfig, n_a: int, n_v: int) -> float:
     return per(n_a) + per(n_v)
 
 
-def _modality_unified(m: ModelConfig, n_a: int, n_v: int, teacher: bool = False) -> float:
-    """Unified block(s) on each modality's own [CLS, n] stream (+ contrastive heads, student only)."""
+def _modality_unified(m: ModelConfig, n_a: int, n_v: int, teacher: bool = False, cls_only: bool = False) -> float:
+    """Unified block(s) on each modality's own [CLS, n] stream (+ contrastive heads, student only).
+
+    cls_only (student): the last block for the CLS token alone (`CAVMAE._modality_streams`)."""
     c, d = int(m.cls_token), m.embed_dim
+    cls_only = cls_only and m.cls_token and not m.contrastive_heads
     total = 0.0
     for n in (n_a, n_v):
         total += (m.unified_depth - 1) * block_flops(c + n, d, m.mlp_ratio)
-        total += block_flops(c + n, d, m.mlp_ratio, m.num_heads, COLUMN_PAD if teacher else 0)
+        if teacher:
+            total += block_flops(c + n, d, m.mlp_ratio, m.num_heads, COLUMN_PAD, outputs=1)
+        else:
+            total += block_flops(c + n, d, m.mlp_ratio, queries=1 if cls_only else None,
+                                 outputs=1 if cls_only else None)
         if m.contrastive_heads and not teacher:
             total += 2 * block_flops(c + n, d, m.mlp_ratio)
     return total
@@ -94,7 +110,7 @@ def flops_breakdown(model_cfg: ModelConfig, task_cfg: TaskConfig,
         "tokenize": 2.0 * _tokenize(m),
         "recon": 3.0 * _recon(m, rec_a, rec_v),
         "contrastive": 3.0 * ((0.0 if t.mode == "single" else _encoder_streams(m, con_a, con_v))
-                              + _modality_unified(m, con_a, con_v)),
+                              + _modality_unified(m, con_a, con_v, cls_only=t.mode != "single")),
     }
 
 

@@ -9,6 +9,8 @@ training step (method.md 3.1, reconstructed order):
         -> encode_masked -> forward_decoder -> MAE loss per modality
     (3) contrastive pass: keep the top-ranked patches at the (scheduled) contrastive ratio
         -> encode_global -> InfoNCE on the CLS vectors
+    (2) and (3) run packed by default (`CAVMAE.encode_dual`: one run of the modality-specific
+    blocks over both views side by side), which computes the same losses.
     (4) distillation: student CLS of pass (3) vs teacher CLS of pass (1), teacher detached
     total = w_r (L_a + L_v) + w_c L_con + w_d L_dist
 
@@ -230,24 +232,26 @@ class TGDPTask(nn.Module):
         else:
             teacher_out = self._teacher_pass(audio, frames) if self.teacher is not None else None
 
-        # (2) reconstruction pass (tokens are shared with pass 3: one patch embedding per step)
+        # (2) + (3) the student's encodings (tokens are shared by both passes: one patch embedding)
         tokens_a, tokens_v = student.tokenize(audio, frames)
         mask_a, mask_v = self._recon_masks(batch, step, rank, micro_batch, device)
         if cfg.mode == "single":  # CAV-MAE: one encoding feeds the decoder AND the contrastive vectors
             latent, glob = student.encode_single_pass(tokens_a, tokens_v, mask_a, mask_v)
             con_a, con_v, con_ratio = mask_a, mask_v, cfg.recon_mask_ratio
         else:
-            latent = student.encode_masked(tokens_a, tokens_v, mask_a, mask_v)
+            con_ratio = self.contrastive_mask_ratio(step)
+            con_a, con_v = self._contrastive_masks(batch, con_ratio, teacher_out, step, rank, micro_batch, device)
+            if cfg.pack_passes:
+                latent, glob = student.encode_dual(tokens_a, tokens_v, mask_a, mask_v, con_a, con_v)
+            else:
+                latent = student.encode_masked(tokens_a, tokens_v, mask_a, mask_v)
+                glob = student.encode_global(tokens_a, tokens_v, con_a, con_v, cls_only=True)
         pred_a, pred_v = student.forward_decoder(latent, mask_a, mask_v)
         target_a, target_v = student.mae_targets(audio, frames)
         loss_a = student.forward_mae_loss(pred_a, target_a, mask_a.mask)
         loss_v = student.forward_mae_loss(pred_v, target_v, mask_v.mask)
 
-        # (3) contrastive pass
-        if cfg.mode != "single":
-            con_ratio = self.contrastive_mask_ratio(step)
-            con_a, con_v = self._contrastive_masks(batch, con_ratio, teacher_out, step, rank, micro_batch, device)
-            glob = student.encode_global(tokens_a, tokens_v, con_a, con_v)
+        # (3) contrastive loss
         vec_a, vec_v = (glob.cls_a, glob.cls_v) if bank is None else bank.splice(micro_batch, glob.cls_a, glob.cls_v)
         if cfg.contrastive_loss == "symmetric_gather":
             loss_c, acc = info_nce(vec_a, vec_v, cfg.temperature)
@@ -291,7 +295,7 @@ class TGDPTask(nn.Module):
             else:
                 con_a, con_v = self._contrastive_masks(batch, self.contrastive_mask_ratio(step), teacher_out, step,
                                                        rank, j, device)
-                glob = student.encode_global(tokens_a, tokens_v, con_a, con_v)
+                glob = student.encode_global(tokens_a, tokens_v, con_a, con_v, cls_only=True)
             bank.cls_a.append(glob.cls_a)
             bank.cls_v.append(glob.cls_v)
             bank.teacher.append(teacher_out)

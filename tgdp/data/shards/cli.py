@@ -43,6 +43,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ManifestError, ResumeMismatchError, FileNotFoundError) as exc:
         print(f"make_shards: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a lost mount: finished shards are durable, the open one was dropped
+        print(f"make_shards: error: writing under {cfg.output} failed: {exc}. Finished shards are intact and "
+              "recorded in the journal; fix the cause (e.g. free space) and re-run the same command to resume",
+              file=sys.stderr)
+        return 1
     reasons = Counter(f["reason"].split(" (")[0] for f in result.failures)
     print(f"{result.samples} samples in {len(result.shards)} shards under {result.output} "
           f"({result.total_clips} clips in, {len(result.failures)} unusable)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tgdp.config import ConfigError
 
@@ -49,6 +50,8 @@ class ShardingConfig:
             raise ConfigError("input is required: a CSV manifest, a folder of videos or a CAV-MAE JSON datafile")
         if not self.output:
             raise ConfigError("output is required: the folder the shards are written to")
+        if Path(self.output).exists() and not Path(self.output).is_dir():
+            raise ConfigError(f"output {self.output!r} is a file: expected a folder (created if missing)")
         if not self.prefix or "/" in self.prefix:
             raise ConfigError(f"prefix must be a plain file-name prefix, got {self.prefix!r}")
         if self.clip_seconds <= 0:

@@ -101,8 +101,8 @@ def _results(plan: list[Clip], start: int, cfg: ShardingConfig) -> Iterator[tupl
 def make_shards(cfg: ShardingConfig) -> RunResult:
     """Run (or resume) a sharding job; see data_tools/make_shards.py for the command line."""
     out = output_dir(cfg)
+    clips = read_clips(cfg.input)  # before creating anything: a bad manifest leaves no empty folder behind
     out.mkdir(parents=True, exist_ok=True)
-    clips = read_clips(cfg.input)
     plan = make_plan(clips, cfg)
     params = {k: v for k, v in to_dict(cfg).items() if k in _OUTPUT_PARAMS}
     journal = Journal(out, plan_fingerprint([c.key + "\0" + c.source for c in plan], params))

@@ -145,10 +145,18 @@ class RollingShardWriter:
         return info
 
     def abort(self) -> None:
-        """Drop an unfinished shard (its samples are redone by the next run)."""
+        """Drop an unfinished shard (its samples are redone by the next run). Called while an
+        error propagates, often a full disk: closing may fail the same way (it flushes), and
+        must neither hide that error nor leave the `.tmp` file behind."""
         if self._stream is not None:
-            self._stream.close()
-            (self.root / (self.name + ".tmp")).unlink(missing_ok=True)
+            try:
+                self._stream.close()
+            except OSError:
+                pass
+            try:
+                (self.root / (self.name + ".tmp")).unlink(missing_ok=True)
+            except OSError:  # remove_stale_temporaries deletes it on the next run
+                pass
         self._tar, self._stream, self.samples, self._content = None, None, 0, 0
 
 

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Every GPU measurement of docs/benchmarks.md in ONE call on a lent GPU machine (the `device` tool
+# lends one for ~15 minutes in all, so the stages share one deadline and each stage is bounded).
+#
+#   bash bench/gpu_session.sh [DEADLINE_S]      # default 500 s; logs under $OUT (or ./gpu_out)
+#   STAGES='train compile' bash bench/gpu_session.sh   # only the named stages
+#
+# The machine has its own torch (no network): tgdp's other pure-Python needs travel in .gpu/site
+# (omegaconf, webdataset, deepspeed, pydantic, ...; .gpu/whl holds compiled wheels for its Python)
+# and the base-resolution shards in .gpu/shards (make_synthetic 32 clips + make_shards). Stages:
+#   1. bench_step, base, batch 64: ours in bf16 vs the official-style passes under fp16 autocast
+#      (the official recipe) and under bf16 (same precision).
+#   2. bench_train, base, bf16, one GPU: every backend through the real trainer (NCCL group of one
+#      for ddp / fsdp2 / zero2 / zero3), samples/s and MFU vs the bf16 dense peak.
+#   3. tiny preset on CUDA + NCCL with FSDP2: 10 steps with checkpoints, then a re-run that resumes.
+#   4. bench_train fsdp2 with parallel.compile=true (torch.compile per block), if time is left.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DEADLINE=${1:-500}
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+START=$SECONDS
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 TORCH_EXTENSIONS_DIR=/tmp/torch_ext DS_BUILD_OPS=0
+if [ -d .gpu/whl ] && ls .gpu/whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl
+fi
+export PYTHONPATH="/tmp/site:$PWD/.gpu/site:$PWD"
+
+left() { echo $(( DEADLINE - (SECONDS - START) )); }
+stage() {  # stage NAME MAX_S CMD...: run with min(MAX_S, time left) seconds; log to $OUT/NAME.log
+  local name=$1 max=$2; shift 2
+  if [ -n "${STAGES:-}" ] && [[ " $STAGES " != *" $name "* ]]; then return; fi
+  local t; t=$(left); [ "$t" -gt "$max" ] && t=$max
+  if [ "$t" -lt 20 ]; then echo "== $name: skipped (${t}s left)"; return; fi
+  echo "== $name (limit ${t}s, $(( SECONDS - START ))s elapsed)"
+  timeout "$t" "$@" > "$OUT/$name.log" 2>&1
+  echo "== $name: exit $? after $(( SECONDS - START ))s"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, deepspeed, omegaconf, webdataset; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'deepspeed', deepspeed.__version__, torch.cuda.get_device_name(0))" 2>&1 | grep -v Warning | tee -a "$OUT/gpu.txt"
+
+stage step_fp16 110 python3 bench/bench_step.py --device cuda --dtype bf16 --naive-dtype fp16 --batch 64 --repeats 10
+stage train 240 python3 bench/bench_train.py --device cuda --dtype bf16 --presets base --nproc 1 \
+  --backends none,ddp,fsdp2,zero2,zero3 --shards .gpu/shards --no-memory --steps 30 --warmup 10 \
+  --log-dir "$OUT" --override data.num_workers=6
+RUN=/tmp/tgdp_gpu_resume
+rm -rf "$RUN"
+RESUME=(python3 -m torch.distributed.run --nproc_per_node 1 --master_port 29533 tgdp/train.py --config tiny
+        --run-dir "$RUN" --shards .gpu/shards device=cuda parallel.mixed_precision=bf16 checkpoint.every_steps=5
+        logging.wandb=false logging.log_every=5 data.batch_size=16)
+stage resume_a 60 "${RESUME[@]}" --steps 10
+stage resume_b 60 "${RESUME[@]}" --steps 20
+ls "$RUN/checkpoints" > "$OUT/resume_checkpoints.txt" 2>&1
+cp "$RUN/metrics.jsonl" "$OUT/resume_metrics.jsonl" 2>/dev/null
+stage step_bf16 80 python3 bench/bench_step.py --device cuda --dtype bf16 --naive-dtype bf16 --batch 64 --repeats 10
+stage compile 150 python3 bench/bench_train.py --device cuda --dtype bf16 --presets base --nproc 1 \
+  --backends fsdp2 --shards .gpu/shards --no-memory --steps 30 --warmup 10 --log-dir "$OUT" \
+  --override data.num_workers=6 --override parallel.compile=true
+
+echo "== summary ($(( SECONDS - START ))s)"
+for f in step_fp16 step_bf16; do grep -E "^model=|speed-up|achieved|step time|loss " "$OUT/$f.log"; done
+grep -E "^\| base|MFU peak|FAILED" "$OUT/train.log" "$OUT/compile.log"
+grep -c '"step"' "$OUT/resume_metrics.jsonl" 2>/dev/null; cat "$OUT/resume_checkpoints.txt"
+tail -3 "$OUT/resume_b.log"

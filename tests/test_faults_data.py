@@ -1,0 +1,90 @@
+"""Fault injection into the data side with real processes: Slurm's SIGUSR1 reaching the loader's
+decoder processes (as torchrun's and Slurm's do), and a disk that fills up while make_shards
+writes. docs/reliability.md maps every fault to its test."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import textwrap
+from pathlib import Path
+
+from tests.conftest import REPO, run_tool
+from tests.fault_tools import fill_disk, finish, process_env, small_disk, wait_until
+from tests.shard_factory import make_shards
+from tgdp.data.format import read_index
+
+_LOADER_UNDER_SIGNALS = textwrap.dedent("""
+    import signal, sys, time
+    import torch
+    from tgdp.data.loader import DataConfig, ShardLoader
+
+    got = []
+    signal.signal(signal.SIGUSR1, lambda n, f: got.append(signal.Signals(n).name))  # StopRequested in miniature
+    cfg = DataConfig(shards=sys.argv[1], batch_size=4, num_workers=1, prefetch_factor=1, frame_size=32,
+                     full_frames=64, audio_frames=32, shuffle_buffer=16, shuffle_initial=4, seed=1)
+    batches = iter(ShardLoader(cfg))
+    first = next(batches)
+    print("READY", flush=True)
+    deadline = time.monotonic() + 60
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.01)
+    rest = [next(batches) for _ in range(4)]  # more than the worker prefetched: it must still be alive
+    reference = [b for _, b in zip(range(5), ShardLoader(cfg))]
+    same = all(a["keys"] == b["keys"] and torch.equal(a["audio"], b["audio"]) for a, b in zip([first, *rest], reference))
+    print("SIGNALS", sorted(got), "SAME", same, flush=True)
+""")
+
+
+def test_loader_workers_outlive_sigusr1_sent_to_the_whole_job(tmp_path):
+    """torchrun forwards SIGUSR1 with killpg and Slurm signals every process of the job: the
+    decoder processes get it too. They must leave it to the training process, which may still be
+    waiting for a batch while it finishes its step; and the run must still exit."""
+    make_shards(tmp_path / "shards", num_shards=4, samples_per_shard=8)
+    proc = subprocess.Popen([sys.executable, "-c", _LOADER_UNDER_SIGNALS, str(tmp_path / "shards")], cwd=REPO,
+                            env=process_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group, as torchrun gives each worker
+    lines: list[str] = []
+    while not lines or lines[-1] != "READY\n":
+        line = proc.stdout.readline()
+        assert line, "".join(lines)
+        lines.append(line)
+    os.killpg(proc.pid, signal.SIGUSR1)
+    out = "".join(lines) + finish(proc, timeout=120)
+    assert proc.returncode == 0, out
+    assert "SIGNALS ['SIGUSR1'] SAME True" in out, out
+    assert "exited unexpectedly" not in out and "resource_tracker" not in out, out
+
+
+def test_make_shards_on_a_full_disk_keeps_finished_shards_and_resumes(tmp_path):
+    from tgdp.data.synthetic import make_corpus
+
+    manifest = make_corpus(tmp_path / "corpus", num_clips=6, num_classes=2, duration=2.0, seed=3, workers=1)
+    command = ["--input", str(manifest), "--workers", "1", "max_samples_per_shard=1", "progress=false"]
+    with small_disk(tmp_path / "disk", megabytes=8) as disk:
+        out_dir = disk / "shards"
+        proc = subprocess.Popen([sys.executable, str(REPO / "data_tools" / "make_shards.py"), *command,
+                                 "--output", str(out_dir)], cwd=REPO, env=process_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        wait_until(lambda: (out_dir / "shard-000000.tar").is_file(), proc, "the first shard is finished")
+        filler = fill_disk(disk)
+        out = finish(proc)
+        assert proc.returncode == 1, out
+        assert f"make_shards: error: writing under {out_dir} failed" in out and "No space left on device" in out
+        assert "re-run the same command to resume" in out and "Traceback" not in out, out
+        finished = {p.name: p.read_bytes() for p in sorted(out_dir.glob("*.tar"))}
+        assert 1 <= len(finished) < 6 and not list(out_dir.glob("*.tmp")), sorted(os.listdir(out_dir))
+        for name in finished:  # complete tars, one whole sample each: nothing half-written under a final name
+            with tarfile.open(out_dir / name) as tar:
+                assert len(tar.getnames()) == 18, name
+
+        filler.unlink()
+        run_tool("make_shards.py", *command, "--output", out_dir)
+        index = read_index(out_dir)
+        assert index.total_samples == 6 and len(index.shards) == 6
+        keys = [n.split(".")[0] for s in index.shards for n in tarfile.open(out_dir / s.name).getnames()]
+        assert len(set(keys)) == 6  # every clip exactly once
+        assert all((out_dir / name).read_bytes() == data for name, data in finished.items())
