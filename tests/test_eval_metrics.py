@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tgdp.eval.classification import average_precision, mean_average_precision, top1_accuracy
-from tgdp.eval.ranking import (MatchCounts, diag_mean_similarity, match_counts, normalise, recall_metrics,
-                               top_matches)
+from tgdp.eval.ranking import (MatchCounts, diag_mean_similarity, match_counts, normalise, paired_match_counts,
+                               recall_metrics, top_matches)
 
 
 def counts_from_matrix(sim: torch.Tensor) -> MatchCounts:
@@ -24,7 +24,7 @@ def orthonormal(n: int, f: int, d: int, seed: int = 0) -> torch.Tensor:
 
 def test_identity_similarity_gives_perfect_recall_and_mr_1():
     x = orthonormal(50, 4, 32)
-    counts = match_counts(x, x, chunk_rows=7)
+    counts = match_counts(x, x, tile=7)
     m = recall_metrics(counts, (1, 5, 10))
     assert (m["R@1"], m["R@5"], m["R@10"], m["MR"], m["MnR"]) == (100.0, 100.0, 100.0, 1.0, 1.0)
 
@@ -67,13 +67,12 @@ def test_tie_policies_are_deterministic_and_documented():
 
 
 def test_ties_counted_from_the_exact_same_block_as_the_diagonal():
-    # duplicated candidates: query 0's true match has an exact twin -> one tie, in every chunking
+    # duplicated pairs: 0 and 5 are the same clip -> each has exactly one tie, in every tiling
     x = orthonormal(9, 2, 8, seed=3)
-    cands = x.clone()
-    cands[5] = cands[0]
+    x[5] = x[0]
     for chunk in (1, 2, 4, 9, 100):
-        counts = match_counts(x, cands, chunk_rows=chunk)
-        assert counts.ties[0] == 1 and counts.ties[5] == 1 and int(counts.ties[1:5].sum()) == 0
+        for counts in paired_match_counts(x, x, tile=chunk):
+            assert counts.ties[0] == 1 and counts.ties[5] == 1 and int(counts.ties[1:5].sum()) == 0
 
 
 def naive_diag_mean(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -91,14 +90,15 @@ def test_chunked_diag_mean_equals_naive_loop(chunk):
     v = normalise(0.6 * a + 0.4 * v)  # correlated pairs: a realistic mix of ranks
     ref = naive_diag_mean(a, v)
     assert torch.allclose(diag_mean_similarity(a, v).double(), ref, atol=1e-5)
-    ours = match_counts(a, v, chunk_rows=chunk)
-    exact = counts_from_matrix(ref)
-    assert torch.equal(ours.greater, exact.greater) and torch.equal(ours.ties, exact.ties)
-    # rows split over "ranks" and joined equal the whole
-    parts = [match_counts(a, v, chunk, rows=(lo, hi)) for lo, hi in ((0, 10), (10, 25), (25, 37))]
-    assert torch.equal(torch.cat([p.greater for p in parts]), ours.greater)
-    # video -> audio is the transpose
-    assert torch.equal(match_counts(v, a, chunk).greater, counts_from_matrix(ref.T).greater)
+    a2v, v2a = paired_match_counts(a, v, tile=chunk)
+    for ours, exact in ((a2v, counts_from_matrix(ref)), (v2a, counts_from_matrix(ref.T))):  # V->A: the transpose
+        assert torch.equal(ours.greater, exact.greater) and torch.equal(ours.ties, exact.ties)
+    # row tiles dealt to 3 "ranks": the partial counts sum to the whole, in both directions
+    n_tiles = -(-37 // chunk)
+    parts = [paired_match_counts(a, v, chunk, list(range(r, n_tiles, 3))) for r in range(3)]
+    assert torch.equal(sum(p[0].greater for p in parts), a2v.greater)
+    assert torch.equal(sum(p[1].greater for p in parts), v2a.greater)
+    assert torch.equal(sum(p[1].ties for p in parts), v2a.ties)
 
 
 def test_identical_frames_reduce_to_single_frame_cosine():

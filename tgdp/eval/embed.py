@@ -214,6 +214,9 @@ def extract(model: torch.nn.Module, cfg: EmbedConfig, audio_frames: int, frame_s
             device: torch.device | str = "cpu", equal_forwards: bool = False) -> Embeddings:
     """Embed the eval shards on every rank's share and all-gather (every rank returns all of it)."""
     cfg.validate()
+    mel_bins = getattr(getattr(model, "cfg", None), "mel_bins", 128)
+    if mel_bins != 128:
+        raise ConfigError(f"model.mel_bins is {mel_bins}, but shards store 128-bin fbanks (make_shards)")
     device = torch.device(device)
     rank, world = dist_info()
     data = data_config(cfg, audio_frames, frame_size)

@@ -43,7 +43,7 @@ class PeriodicEvalConfig:
     max_clips: int = 0  # 0 = all clips of the shard set
     ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS))
     ties: str = "pessimistic"
-    chunk_rows: int = 1024
+    tile: int = 2048  # similarity tile side (memory ~ tile^2 x 4 bytes)
 
     @property
     def enabled(self) -> bool:
@@ -98,7 +98,7 @@ class PeriodicRetrieval:
         try:
             emb = extract(model, c.embed_config(), self.audio_frames, self.image_size, self.device,
                           equal_forwards=True)
-            metrics, _ = retrieval_metrics(emb, c.ks, c.ties, c.chunk_rows, self.device)
+            metrics, _ = retrieval_metrics(emb, c.ks, c.ties, c.tile, self.device)
         finally:
             reshard(model)
             model.train(was_training)

@@ -1,5 +1,5 @@
 """Retrieval similarity and metrics (method.md 5.1): diagonal-mean cosine, ranks of the true match,
-R@K and median rank, computed in row chunks so a 20k x 20k evaluation never holds the full matrix.
+R@K and median rank, computed in tiles so a 20k x 20k evaluation never holds the full matrix.
 
 Embeddings are `[N, F, D]`: N clips, F time-aligned (frame k, audio window k) pairs, D channels,
 each pair L2-normalised. The TG-DP / CAV-MAE Sync similarity of query i and candidate j is
@@ -9,9 +9,9 @@ each pair L2-normalised. The TG-DP / CAV-MAE Sync similarity of query i and cand
 computed as ONE matrix product of the flattened [N, F * D] matrices, as the official
 `diag_mean_cosine` does. The true match of query i is candidate i (row i's diagonal).
 
-Ranks and ties. For each query we count, in the SAME chunk of S that holds its diagonal value
-(so rounding can never make S[i, i] differ from itself), `greater` = #{j : S[i, j] > S[i, i]} and
-`ties` = #{j != i : S[i, j] == S[i, i]}. The 0-based rank of the true match is then
+Ranks and ties. For each query we count `greater` = #{j : S[i, j] > S[i, i]} and
+`ties` = #{j != i : S[i, j] == S[i, i]}, in tiles of S (`paired_match_counts`: one pass gives both
+directions, the second from the transpose of the same values, as the official code). The 0-based rank of the true match is then
 
     pessimistic (default)  greater + ties      ties count against the query: a collapsed model
                                                (all similarities equal) scores 0, never 100
@@ -79,30 +79,64 @@ class MatchCounts:
 
 
 @torch.no_grad()
-def match_counts(queries: torch.Tensor, candidates: torch.Tensor, chunk_rows: int = 1024,
-                 rows: tuple[int, int] | None = None) -> MatchCounts:
-    """Counts for query rows [start, end) (all by default) against every candidate, chunk by chunk.
+def paired_match_counts(queries: torch.Tensor, candidates: torch.Tensor, tile: int = 2048,
+                        row_tiles: list[int] | None = None) -> tuple[MatchCounts, MatchCounts]:
+    """Counts of BOTH directions from ONE pass over the similarity matrix, tile by tile.
 
-    queries, candidates: [N, F, D] (or [N, D]), already L2-normalised per pair; query i's true
-    match is candidate i. Peak extra memory is one [chunk_rows, N] float32 block (80 MB for
-    1024 x 20k), whatever N is. Runs on the embeddings' device.
+    queries, candidates: [N, F, D] (or [N, D]), L2-normalised per pair; pair i matches pair i.
+    S is cut into `tile` x `tile` tiles on one grid for rows and columns. Diagonal tiles come
+    first and give every S[i, i]; each other tile S[R, C] then adds to the row counts of R
+    (query -> candidate direction, against S[r, r]) AND the column counts of C (candidate ->
+    query direction, against S[c, c]). So candidate -> query is computed from exactly the
+    transpose of the same values, as the official `S_video = S_audio.T`, at the cost of one
+    product, and a value is compared with its own diagonal only inside the tile that holds both
+    (no rounding can make S[i, i] differ from itself). Peak extra memory: one tile (16 MB at 2048).
+
+    row_tiles: the row-tile indices to process (all by default). A subset gives partial counts
+    (rows outside it get none; columns get only those rows' contributions): several ranks
+    processing disjoint subsets sum their results to the full counts.
     """
-    q, c = as_pairs(queries), as_pairs(candidates)
+    q, c = as_pairs(queries).flatten(1).float(), as_pairs(candidates).flatten(1).float()
     n = q.shape[0]
-    if c.shape[0] != n or q.shape[1:] != c.shape[1:]:
-        raise ValueError(f"queries {tuple(q.shape)} and candidates {tuple(c.shape)} must match (paired sets)")
-    start, end = rows if rows is not None else (0, n)
-    c_flat = c.flatten(1).float()  # [N, F * D]
-    greater = torch.zeros(end - start, dtype=torch.int64, device=q.device)
-    ties = torch.zeros_like(greater)
-    for lo in range(start, end, max(1, chunk_rows)):
-        hi = min(lo + max(1, chunk_rows), end)
-        sim = q[lo:hi].flatten(1).float() @ c_flat.T  # [c, N]; the 1/F factor does not change any order
-        idx = torch.arange(lo, hi, device=q.device)
-        diag = sim[idx - lo, idx].unsqueeze(1)  # from the same block: bitwise the value being compared
-        greater[lo - start:hi - start] = (sim > diag).sum(1)
-        ties[lo - start:hi - start] = (sim == diag).sum(1) - 1
-    return MatchCounts(greater.cpu(), ties.cpu())
+    if candidates.shape != queries.shape:
+        raise ValueError(f"queries {tuple(queries.shape)} and candidates {tuple(candidates.shape)} must match "
+                         "(paired sets)")
+    tile = max(1, tile)
+    bounds = [(lo, min(lo + tile, n)) for lo in range(0, n, tile)]
+    mine = range(len(bounds)) if row_tiles is None else sorted(set(row_tiles))
+    zeros = lambda: torch.zeros(n, dtype=torch.int64, device=q.device)  # noqa: E731
+    g_row, t_row, g_col, t_col = zeros(), zeros(), zeros(), zeros()
+    diag = torch.empty(n, dtype=torch.float32, device=q.device)
+    for k, (lo, hi) in enumerate(bounds):
+        if row_tiles is not None and k not in mine:  # only S[i, i] is needed from others' diagonal tiles
+            block = q[lo:hi] @ c[lo:hi].T
+            diag[lo:hi] = block.diagonal()
+            continue
+        block = q[lo:hi] @ c[lo:hi].T
+        d = block.diagonal().clone()
+        diag[lo:hi] = d
+        g_row[lo:hi] += (block > d[:, None]).sum(1)
+        t_row[lo:hi] += (block == d[:, None]).sum(1) - 1
+        g_col[lo:hi] += (block > d[None, :]).sum(0)
+        t_col[lo:hi] += (block == d[None, :]).sum(0) - 1
+    for r in mine:
+        rlo, rhi = bounds[r]
+        dr = diag[rlo:rhi, None]
+        for k, (clo, chi) in enumerate(bounds):
+            if k == r:
+                continue
+            block = q[rlo:rhi] @ c[clo:chi].T  # S[R, C]
+            dc = diag[None, clo:chi]
+            g_row[rlo:rhi] += (block > dr).sum(1)
+            t_row[rlo:rhi] += (block == dr).sum(1)
+            g_col[clo:chi] += (block > dc).sum(0)
+            t_col[clo:chi] += (block == dc).sum(0)
+    return MatchCounts(g_row.cpu(), t_row.cpu()), MatchCounts(g_col.cpu(), t_col.cpu())
+
+
+def match_counts(queries: torch.Tensor, candidates: torch.Tensor, tile: int = 2048) -> MatchCounts:
+    """Query -> candidate counts only (see `paired_match_counts`)."""
+    return paired_match_counts(queries, candidates, tile)[0]
 
 
 def recall_metrics(counts: MatchCounts, ks: tuple[int, ...] | list[int] = DEFAULT_KS,

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from tgdp.config import ConfigError, parse_cli, to_dict
 from tgdp.eval.embed import EmbedConfig, Embeddings, data_config, dist_info, extract
 from tgdp.eval.encoder import EncoderConfig, load_encoder
-from tgdp.eval.ranking import DEFAULT_KS, TIE_POLICIES, MatchCounts, match_counts, normalise, recall_metrics
+from tgdp.eval.ranking import DEFAULT_KS, TIE_POLICIES, MatchCounts, normalise, paired_match_counts, recall_metrics
 from tgdp.models.config import ModelConfig
 
 log = logging.getLogger("tgdp.eval")
@@ -41,7 +41,7 @@ class RetrievalConfig:
     output: str = ""  # folder for retrieval.json and plots ("" = <checkpoint run dir>/eval/retrieval)
     ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS))
     ties: str = "pessimistic"  # pessimistic | optimistic | mean (ranking.py)
-    chunk_rows: int = 1024  # query rows per similarity block: memory ~ chunk_rows x N x 4 bytes
+    tile: int = 2048  # similarity tile side: extra memory ~ tile^2 x 4 bytes, whatever the number of clips
     device: str = "auto"  # auto (this rank's GPU, else CPU) | cpu | cuda
     save_embeddings: bool = False  # also write embeddings.safetensors (+ .json) for the probes
     plots: bool = True
@@ -56,8 +56,8 @@ class RetrievalConfig:
             raise ConfigError(f"ks must be a non-empty list of integers >= 1, got {list(self.ks)}")
         if self.ties not in TIE_POLICIES:
             raise ConfigError(f"ties must be one of {TIE_POLICIES}, got {self.ties!r}")
-        if self.chunk_rows < 1:
-            raise ConfigError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
+        if self.tile < 1:
+            raise ConfigError(f"tile must be >= 1, got {self.tile}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -68,33 +68,36 @@ class RetrievalConfig:
         return (ckpt if ckpt.is_dir() else ckpt.parent) / "eval" / "retrieval"
 
 
-def distributed_counts(queries: torch.Tensor, candidates: torch.Tensor, chunk_rows: int,
-                       device: torch.device) -> MatchCounts:
-    """Match counts of all queries, the query rows split evenly over the ranks (all ranks get all)."""
+def distributed_counts(audio: torch.Tensor, video: torch.Tensor, tile: int,
+                       device: torch.device) -> dict[str, MatchCounts]:
+    """Both directions' counts from one tiled pass, the row tiles dealt round-robin to the ranks
+    and the partial counts summed (every rank ends with all of them)."""
     rank, world = dist_info()
-    n = queries.shape[0]
-    lo, hi = rank * n // world, (rank + 1) * n // world
-    local = match_counts(queries.to(device), candidates.to(device), chunk_rows, rows=(lo, hi))
-    if world == 1:
-        return local
-    parts: list[Any] = [None] * world
-    dist.all_gather_object(parts, (local.greater, local.ties))
-    return MatchCounts(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    n_tiles = -(-audio.shape[0] // max(1, tile))
+    mine = list(range(rank, n_tiles, world)) if world > 1 else None
+    a2v, v2a = paired_match_counts(audio.to(device), video.to(device), tile, mine)
+    if world > 1:
+        packed = torch.stack([a2v.greater, a2v.ties, v2a.greater, v2a.ties])
+        comm = device if device.type != "cpu" and "nccl" in str(dist.get_backend()) else torch.device("cpu")
+        packed = packed.to(comm)
+        dist.all_reduce(packed)
+        packed = packed.cpu()
+        a2v, v2a = MatchCounts(packed[0], packed[1]), MatchCounts(packed[2], packed[3])
+    return {"audio->video": a2v, "video->audio": v2a}
 
 
 def retrieval_metrics(emb: Embeddings, ks: Sequence[int] = DEFAULT_KS, ties: str = "pessimistic",
-                      chunk_rows: int = 1024, device: torch.device | str = "cpu",
+                      tile: int = 2048, device: torch.device | str = "cpu",
                       curve_ks: Sequence[int] = ()) -> tuple[dict[str, dict[str, float]], dict[str, dict[int, float]]]:
     """({direction: {R@K, MR, MnR, queries}}, {direction: {K: R@K}} for the curve plot)."""
     device = torch.device(device)
-    feats = {"audio": normalise(emb.audio), "video": normalise(emb.video)}
     n = len(emb)
-    metrics, curves = {}, {}
     curve_ks = sorted({k for k in (*ks, *curve_ks) if k <= n})
-    for name, (q, c) in DIRECTIONS.items():
-        counts = distributed_counts(feats[q], feats[c], chunk_rows, device)
-        metrics[name] = recall_metrics(counts, list(ks), ties)
-        full = recall_metrics(counts, curve_ks, ties)
+    counts = distributed_counts(normalise(emb.audio), normalise(emb.video), tile, device)
+    metrics, curves = {}, {}
+    for name in DIRECTIONS:
+        metrics[name] = recall_metrics(counts[name], list(ks), ties)
+        full = recall_metrics(counts[name], curve_ks, ties)
         curves[name] = {k: full[f"R@{k}"] for k in curve_ks}
     return metrics, curves
 
@@ -114,7 +117,7 @@ def run_retrieval(cfg: RetrievalConfig) -> dict[str, Any]:
     loaded = load_encoder(cfg.encoder, cfg.model, env.device)
     m = loaded.model_cfg
     emb = extract(loaded.model, cfg.data, m.audio_frames, m.image_size, env.device)
-    metrics, curves = retrieval_metrics(emb, cfg.ks, cfg.ties, cfg.chunk_rows, env.device, CURVE_KS)
+    metrics, curves = retrieval_metrics(emb, cfg.ks, cfg.ties, cfg.tile, env.device, CURVE_KS)
     results: dict[str, Any] = {
         "protocol": cfg.data.protocol, "feature": emb.meta["feature"], "clips": len(emb), "ties": cfg.ties,
         **metrics, "chance": chance_levels(len(emb), cfg.ks), "checkpoint": loaded.info, "embedding": emb.meta,
