@@ -37,7 +37,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(args: list[str], check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+def run(args: list[str], check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
     proc = subprocess.run(args, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args[:4]} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
