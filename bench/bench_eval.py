@@ -67,7 +67,8 @@ def naive(a: torch.Tensor, v: torch.Tensor) -> dict[str, dict[str, float]]:
 
 def ours(a: torch.Tensor, v: torch.Tensor, chunk: int) -> dict[str, dict[str, float]]:
     a2v, v2a = paired_match_counts(a, v, chunk)
-    return {"audio->video": recall_metrics(a2v), "video->audio": recall_metrics(v2a)}
+    return {"audio->video": {**recall_metrics(a2v), "ties": int(a2v.ties.sum())},
+            "video->audio": {**recall_metrics(v2a), "ties": int(v2a.ties.sum())}}
 
 
 def timed(fn, device):
@@ -110,7 +111,7 @@ def bench_embedding(args, device: torch.device) -> None:
 def bench_similarity(args, device: torch.device) -> None:
     g = torch.Generator().manual_seed(0)
     a = normalise(torch.randn(args.n, args.frames, args.dim, generator=g))
-    v = normalise(a + args.noise * torch.randn(args.n, args.frames, args.dim, generator=g))
+    v = normalise(a + args.noise / args.dim ** 0.5 * torch.randn(args.n, args.frames, args.dim, generator=g))
     a, v = a.to(device), v.to(device)
     flops = 2.0 * args.n * args.n * args.frames * args.dim
     sides = {"ours": lambda: ours(a, v, args.chunk)}
@@ -127,11 +128,16 @@ def bench_similarity(args, device: torch.device) -> None:
               f"(all {' '.join(f'{t:.2f}' for t in times[name])}); A->V {fmt(results[name]['audio->video'])}; "
               f"V->A {fmt(results[name]['video->audio'])}")
     if "naive" in results:
-        for d in ("audio->video", "video->audio"):
-            for k in ("R@1", "R@5", "R@10", "MR"):
-                assert abs(results["ours"][d][k] - results["naive"][d][k]) < 1e-9, (d, k, results)
+        ties = sum(results["ours"][d]["ties"] for d in ("audio->video", "video->audio"))
+        if ties == 0:  # without exact ties every definition agrees: the results must be identical
+            for d in ("audio->video", "video->audio"):
+                for k in ("R@1", "R@5", "R@10", "MR"):
+                    assert abs(results["ours"][d][k] - results["naive"][d][k]) < 1e-9, (d, k, results)
+            agree = "metrics identical"
+        else:  # the release counts a row once per tied position (len(ind) > N): it differs slightly
+            agree = f"{ties} exact float32 ties with a true match: the release's metric counts those rows repeatedly"
         ratio = statistics.median(times["naive"]) / statistics.median(times["ours"])
-        print(f"similarity    metrics identical; naive / ours = {ratio:.2f}x; "
+        print(f"similarity    {agree}; naive / ours = {ratio:.2f}x; "
               f"the product = {flops / 1e12:.2f} TFLOP (both compute it once); "
               f"peak extra memory ours ~{args.chunk ** 2 * 4 / 2**20:.0f} MiB per tile vs naive "
               f">= {3 * args.n * args.n * 4 / 2**30:.1f} GiB (matrix, sorted copy, difference)")
@@ -154,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=20000, help="queries = candidates for the similarity part")
     p.add_argument("--frames", type=int, default=1, help="pairs per clip F (16 = TG-DP protocol, 1 = CAV-MAE)")
     p.add_argument("--dim", type=int, default=768)
-    p.add_argument("--noise", type=float, default=1.0, help="video = audio + noise * N(0, 1), per channel")
+    p.add_argument("--noise", type=float, default=1.5, help="video = audio + noise * N(0, I / D) (norm ~ noise)")
     p.add_argument("--chunk", type=int, default=2048, help="similarity tile side")
     p.add_argument("--sim-repeats", type=int, default=1)
     p.add_argument("--no-naive", action="store_true")
