@@ -141,3 +141,30 @@ def test_errors_name_the_bad_path_and_field(corpus_shards, tmp_path, capsys):
         with pytest.raises(SystemExit) as exc:
             main(args)
         assert exc.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_cavmae_protocol_uses_frame_5_whole_audio_and_mean_pooling(corpus_shards):
+    from tgdp.data import sampling as S
+    from tgdp.data.transforms import SampleDecoder
+    from tgdp.eval.embed import data_config
+    from tgdp.models.config import ModelConfig
+
+    cfg = ModelConfig(embed_dim=32, depth=2, modality_specific_depth=1, num_heads=4, num_register_tokens=0,
+                      cls_token=False, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=4,
+                      audio_frames=1024, image_size=64)  # CAV-MAE geometry, narrow
+    enc = load_encoder(EncoderConfig(checkpoint="random"), cfg)
+    data = EmbedConfig(shards=str(corpus_shards), protocol="cavmae", num_workers=0, max_clips=3)
+    emb = extract(enc.model, data, cfg.audio_frames, cfg.image_size)
+    assert emb.audio.shape == (3, 1, 32) and emb.meta["feature"] == "mean" and len(emb.keys) == 3
+    # by hand: the first clip of the first shard, frame 5 and all 1024 fbank rows, mean of the tokens
+    loader_cfg = data_config(data, cfg.audio_frames, cfg.image_size)
+    assert loader_cfg.split == "eval" and loader_cfg.eval_frame == 5
+    shard = S.load_shard_set(str(corpus_shards))[0]
+    raw = next(S.read_shard(shard.url, shard.samples, S.StreamStats(S.WorkerResume())))
+    sample = SampleDecoder(loader_cfg, None)(raw, None)
+    assert sample.frame_index == 5 and sample.audio.shape == (1024, 128)
+    with torch.no_grad():
+        out = enc.model.forward_features(torch.from_numpy(sample.audio)[None], sample.frames[None])
+    assert emb.keys[0] == raw["__key__"]
+    assert torch.allclose(emb.audio[0, 0], out.local_a.mean(1)[0], atol=1e-5)
+    assert torch.allclose(emb.video[0, 0], out.local_v.mean(1)[0], atol=1e-5)
