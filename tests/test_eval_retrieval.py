@@ -168,3 +168,20 @@ def test_cavmae_protocol_uses_frame_5_whole_audio_and_mean_pooling(corpus_shards
     assert emb.keys[0] == raw["__key__"]
     assert torch.allclose(emb.audio[0, 0], out.local_a.mean(1)[0], atol=1e-5)
     assert torch.allclose(emb.video[0, 0], out.local_v.mean(1)[0], atol=1e-5)
+
+
+def test_probe_from_shard_folders_extracts_and_caches(trained_run, corpus_shards, tmp_path):
+    from tgdp.eval.probe import ProbeConfig, run_probe
+    from tgdp.parallel import destroy_distributed
+
+    cfg = ProbeConfig(train=str(corpus_shards), test=str(corpus_shards), output=str(tmp_path), head="linear",
+                      epochs=2, batch_size=4, encoder=EncoderConfig(checkpoint=str(trained_run)),
+                      data=EmbedConfig(num_workers=0), device="cpu")
+    try:
+        res = run_probe(cfg)
+    finally:
+        destroy_distributed()
+    cached = Embeddings.load(tmp_path / "train_embeddings.safetensors")
+    assert cached.audio.shape == (12, 16, 64) and cached.meta["checkpoint"]["step"] == STEPS
+    assert res["task"] == "multiclass" and res["checkpoint"]["step"] == STEPS
+    assert json.loads((tmp_path / "probe.json").read_text())["top1"] == res["top1"]

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from tgdp.config import ConfigError
-from tgdp.eval.embed import PROTOCOLS, EmbedConfig, extract
+from tgdp.eval.embed import PROTOCOLS, EmbedConfig, dist_info, extract
 from tgdp.eval.ranking import DEFAULT_KS, TIE_POLICIES
 
 log = logging.getLogger("tgdp.eval")
@@ -108,6 +108,7 @@ class PeriodicRetrieval:
                 if name != "queries":
                     record[f"eval/{SHORT[direction]}_{name}"] = value
         logger.log(step, record)
-        log.info("step %d retrieval on %d clips: A->V R@1 %.1f, V->A R@1 %.1f (%.1f s)", step, len(emb),
-                 record["eval/a2v_R@1"], record["eval/v2a_R@1"], record["eval/seconds"])
+        if dist_info()[0] == 0:
+                log.info("step %d retrieval on %d clips: A->V R@1 %.1f, V->A R@1 %.1f (%.1f s)", step, len(emb),
+                     record["eval/a2v_R@1"], record["eval/v2a_R@1"], record["eval/seconds"])
         return record
