@@ -124,7 +124,8 @@ def bench_similarity(args, device: torch.device) -> None:
             t, results[name] = timed(fn, device)
             times[name].append(t)
     for name in sides:
-        print(f"similarity    {name:5s} N={args.n} F={args.frames} D={args.dim}: median {statistics.median(times[name]):.2f} s "
+        print(f"similarity    {name:5s} N={args.n} F={args.frames} D={args.dim}: "
+              f"median {statistics.median(times[name]):.2f} s "
               f"(all {' '.join(f'{t:.2f}' for t in times[name])}); A->V {fmt(results[name]['audio->video'])}; "
               f"V->A {fmt(results[name]['video->audio'])}")
     if "naive" in results:

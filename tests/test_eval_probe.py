@@ -36,7 +36,8 @@ def synthetic_split(n: int, seed: int, multilabel: bool, informative: str = "bot
 
 def quick(head: str, **kw) -> ProbeConfig:
     return ProbeConfig(train="x", test="y", head=head, epochs=20, batch_size=32, num_heads=4,
-                       optim=OptimConfig(lr=3e-3 if head == "attention" else 3e-2, weight_decay=0.0, grad_clip=0.0), **kw)
+                       optim=OptimConfig(lr=3e-3 if head == "attention" else 3e-2, weight_decay=0.0, grad_clip=0.0),
+                       **kw)
 
 
 @pytest.mark.parametrize("head", ["attention", "linear"])

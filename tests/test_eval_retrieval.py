@@ -135,7 +135,8 @@ def test_errors_name_the_bad_path_and_field(corpus_shards, tmp_path, capsys):
     from tgdp.eval.retrieval import main
 
     for args, needle in ((["--checkpoint", "random", "--shards", str(tmp_path / "nope")], str(tmp_path / "nope")),
-                         (["--checkpoint", str(tmp_path / "missing.pth"), "--shards", str(corpus_shards)], "missing.pth"),
+                         (["--checkpoint", str(tmp_path / "missing.pth"), "--shards", str(corpus_shards)],
+                          "missing.pth"),
                          (["--checkpoint", "random", "--shards", str(corpus_shards), "ties=random"], "ties"),
                          (["--checkpoint", "random", "--shards", str(corpus_shards), "data.protocl=x"], "protocl")):
         with pytest.raises(SystemExit) as exc:

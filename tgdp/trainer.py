@@ -67,7 +67,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     init: InitConfig = field(default_factory=InitConfig)
-    eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)  # retrieval every N steps (tgdp/eval/periodic.py)
+    eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)  # retrieval every N steps (eval/periodic.py)
 
     def validate(self) -> None:
         for name in ("total_steps", "grad_accum", "max_nonfinite_steps"):

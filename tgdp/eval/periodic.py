@@ -78,7 +78,8 @@ class PeriodicRetrieval:
     def __init__(self, cfg: PeriodicEvalConfig, audio_frames: int, image_size: int, task: Any,
                  device: torch.device) -> None:
         cfg.validate()
-        self.cfg, self.audio_frames, self.image_size, self.task, self.device = cfg, audio_frames, image_size, task, device
+        self.cfg, self.task, self.device = cfg, task, device
+        self.audio_frames, self.image_size = audio_frames, image_size
 
     def due(self, step: int, total_steps: int) -> bool:
         c = self.cfg

@@ -11,19 +11,20 @@ computed as ONE matrix product of the flattened [N, F * D] matrices, as the offi
 
 Ranks and ties. For each query we count `greater` = #{j : S[i, j] > S[i, i]} and
 `ties` = #{j != i : S[i, j] == S[i, i]}, in tiles of S (`paired_match_counts`: one pass gives both
-directions, the second from the transpose of the same values, as the official code). The 0-based rank of the true match is then
+directions, the second from the transpose of the same values, as the official code). The 0-based
+rank of the true match is then
 
     pessimistic (default)  greater + ties      ties count against the query: a collapsed model
                                                (all similarities equal) scores 0, never 100
-    optimistic             greater             ties count for the query (the official code's
-                                               result when ties exist only after the match)
+    optimistic             greater             ties count for the query (the best case)
     mean                   greater + ties / 2  expected rank under uniformly random tie-breaking;
                                                R@K is then the exact probability of a hit
 
 R@K = percentage of queries with rank < K (for `mean`: the mean hit probability); MR (median rank)
 = median(rank) + 1, 1-based, `np.median` semantics (an even count averages the middle two), as
-the official `compute_metrics`. With real-valued features ties do not occur and all three agree
-with the published definition. Every policy is deterministic: no order of the data matters.
+the official `compute_metrics`. Without ties all three equal the published definition; exact
+float32 ties are rare but do happen at 20k x 20k (docs/benchmarks.md), where the official code
+counts the row once per tied position. Every policy is deterministic: no order of the data matters.
 """
 
 from __future__ import annotations

@@ -138,7 +138,8 @@ def run_retrieval(cfg: RetrievalConfig) -> dict[str, Any]:
 
 
 FLAGS = {
-    "--checkpoint": ("encoder.checkpoint", "run dir, checkpoints/step_<N>, .safetensors export, official file, or random"),
+    "--checkpoint": ("encoder.checkpoint",
+                     "run dir, checkpoints/step_<N>, .safetensors export, official file, or random"),
     "--shards": ("data.shards", "eval shard folder(s) (make_shards output, comma-separated)"),
     "--output": ("output", "folder for retrieval.json and the plots"),
     "--protocol": ("data.protocol", "tgdp (16 pairs, CLS, diagonal mean) or cavmae (frame 5, whole audio, mean pool)"),
