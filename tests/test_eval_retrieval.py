@@ -186,3 +186,23 @@ def test_probe_from_shard_folders_extracts_and_caches(trained_run, corpus_shards
     assert cached.audio.shape == (12, 16, 64) and cached.meta["checkpoint"]["step"] == STEPS
     assert res["task"] == "multiclass" and res["checkpoint"]["step"] == STEPS
     assert json.loads((tmp_path / "probe.json").read_text())["top1"] == res["top1"]
+
+
+def test_dcp_checkpoint_without_export_loads_the_same_weights(trained_run, tmp_path):
+    import shutil
+
+    step = next((trained_run / "checkpoints").glob("step_*"))
+    copy = tmp_path / "run" / "checkpoints" / step.name
+    shutil.copytree(step, copy)
+    (copy / "model.safetensors").unlink()  # a checkpoint saved with checkpoint.export_safetensors=false
+    manifest = json.loads((copy / "COMPLETE").read_text())
+    del manifest["files"]["model.safetensors"]
+    (copy / "COMPLETE").write_text(json.dumps(manifest))
+    for weights in ("student", "teacher"):
+        dcp = load_encoder(EncoderConfig(checkpoint=str(copy), weights=weights), None)
+        export = load_encoder(EncoderConfig(checkpoint=str(step), weights=weights), None)
+        assert dcp.info["kind"] == "dcp checkpoint" and export.info["kind"] == "tgdp consolidated export"
+        a, b = dcp.model.state_dict(), export.model.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    student = load_encoder(EncoderConfig(checkpoint=str(step)), None).model
+    assert not torch.equal(dcp.model.cls_token_a, student.cls_token_a)  # the EMA teacher differs from the student

@@ -130,20 +130,23 @@ def load_encoder(cfg: EncoderConfig, model_cfg: ModelConfig, device: torch.devic
         return _ready(model, model_cfg, info, device)
     path = Path(cfg.checkpoint)
     kind, concrete, step = _resolve(path)
-    recorded = recorded_model_config(concrete)
+    tensors = None
+    if kind == "file" or (concrete / L.EXPORT_FILE).is_file():
+        file = concrete if kind == "file" else concrete / L.EXPORT_FILE
+        tensors = read_state_dict(file)
+    ours = tensors is None or _is_consolidated(tensors)  # official files never take a tgdp run's config
+    recorded = recorded_model_config(concrete) if ours else None
     if recorded is not None:
         model_cfg, where = recorded
         log.info("model geometry from %s", where)
     model = build_model(model_cfg)
     info = {"source": str(path), "resolved": str(concrete), "step": step, "weights": cfg.weights,
             "model_config_from": recorded[1] if recorded else "eval config (model.*)"}
-    if kind == "step_dir" and not (concrete / L.EXPORT_FILE).is_file():
+    if tensors is None:
         info["kind"] = "dcp checkpoint"
         _load_dcp(model, concrete, cfg.weights)
     else:
-        file = concrete / L.EXPORT_FILE if kind == "step_dir" else concrete
-        tensors = read_state_dict(file)
-        if _is_consolidated(tensors):
+        if ours:
             info["kind"] = "tgdp consolidated export"
             report = load_official(model, _prefixed(tensors, cfg.weights, str(file)), strict=cfg.strict)
         else:
