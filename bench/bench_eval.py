@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=20000, help="queries = candidates for the similarity part")
     p.add_argument("--frames", type=int, default=1, help="pairs per clip F (16 = TG-DP protocol, 1 = CAV-MAE)")
     p.add_argument("--dim", type=int, default=768)
-    p.add_argument("--noise", type=float, default=1.5, help="video = audio + noise * N(0, I / D) (norm ~ noise)")
+    p.add_argument("--noise", type=float, default=12.0, help="video = audio + noise * N(0, I / D) (norm ~ noise)")
     p.add_argument("--chunk", type=int, default=2048, help="similarity tile side")
     p.add_argument("--sim-repeats", type=int, default=1)
     p.add_argument("--no-naive", action="store_true")
