@@ -74,6 +74,7 @@ def test_trained_model_far_above_chance_untrained_is_not(standalone, trained_run
         assert res[direction]["R@5"] >= 90.0, res[direction]
         assert res[direction]["MnR"] <= 3.5, res[direction]
     assert set(res["plots"]) == {"recall_curves", "examples_a2v", "examples_v2a"}
+    assert res["output"] == str(trained_run / "eval_1proc")  # tgdp.quickstart reads it from the JSON
     assert all(Path(p).stat().st_size > 1000 for p in res["plots"].values())
 
     model_cfg, _ = recorded_model_config(trained_run)

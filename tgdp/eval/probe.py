@@ -262,8 +262,8 @@ def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
     results["checkpoint"] = cache["encoder"].info if "encoder" in cache else train.meta.get("checkpoint")
     results["config"] = to_dict(cfg)
     if env.rank == 0:
-        (out / "probe.json").write_text(json.dumps(results, indent=1, default=str))
         results["output"] = str(out)
+        (out / "probe.json").write_text(json.dumps(results, indent=1, default=str))
     return results
 
 

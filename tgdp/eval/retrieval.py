@@ -125,6 +125,7 @@ def run_retrieval(cfg: RetrievalConfig) -> dict[str, Any]:
     if env.rank == 0:
         out = cfg.output_dir()
         out.mkdir(parents=True, exist_ok=True)
+        results["output"] = str(out)
         if cfg.save_embeddings:
             results["embeddings"] = str(emb.save(out / "embeddings.safetensors"))
         if cfg.plots:
@@ -133,7 +134,6 @@ def run_retrieval(cfg: RetrievalConfig) -> dict[str, Any]:
             results["plots"] = write_plots(out, emb.audio, emb.video, emb.keys, emb.labels, data, curves,
                                            cfg.examples, cfg.examples_topk, title)
         (out / "retrieval.json").write_text(json.dumps(results, indent=1, default=str))
-        results["output"] = str(out)
     return results
 
 
