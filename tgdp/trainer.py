@@ -27,6 +27,7 @@ from tgdp.checkpoint.files import read_json
 from tgdp.checkpoint.layout import META_FILE
 from tgdp.config import ConfigError, config_record, to_dict
 from tgdp.data.loader import DataConfig, ShardLoader
+from tgdp.eval.periodic import PeriodicEvalConfig, PeriodicRetrieval
 from tgdp.metrics import LoggingConfig, MetricLogger, Throughput, peak_flops
 from tgdp.models.config import ModelConfig
 from tgdp.models.interop import load_mae, load_official
@@ -68,6 +69,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)  # retrieval every N steps (eval/periodic.py)
 
     def validate(self) -> None:
         for name in ("total_steps", "grad_accum", "max_nonfinite_steps"):
@@ -291,6 +293,7 @@ class Trainer:
         peak, peak_source = peak_flops(self.device, override=override)
         meter = Throughput(self.flops_per_sample, peak, env.world_size, self.device)
         batches = meter.timed(self._batches())
+        periodic = PeriodicRetrieval(cfg.eval, cfg.model.audio_frames, cfg.model.image_size, self.task, self.device)
         self.stop.install()
         stopped_by = ""
         try:
@@ -308,6 +311,8 @@ class Trainer:
                               "data/shard_errors": self.loader.shard_errors, **meter.summary()}
                     record["perf/peak_source"] = peak_source
                     logger.log(self.step, record)
+                if periodic.maybe_run(self.step, cfg.total_steps, logger):  # all ranks: the work is split
+                    meter.reset()  # evaluation time is not training throughput
                 if env.rank == 0 and cfg.logging.image_every and self.step % cfg.logging.image_every == 0:
                     logger.log_images(self.step, self._pictures(out))
                 if self.stop.agreed(self.device):

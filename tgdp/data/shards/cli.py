@@ -23,6 +23,7 @@ FLAGS = {
     "--workers": ("workers", "parallel extraction processes (0 = one per core)"),
     "--prefix": ("prefix", "shard file prefix"),
     "--seed": ("seed", "seed of the clip-order shuffle"),
+    "--ids": ("ids", "keep only the listed video ids (text file, CAV-MAE JSON or CSV): eval subsets"),
 }
 
 

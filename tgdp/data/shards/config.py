@@ -26,6 +26,10 @@ class AudioConfig:
 @dataclass
 class ShardingConfig:
     input: str = ""  # CSV manifest, a folder of videos, or a CAV-MAE JSON datafile
+    # Keep only these clips (eval sets such as the 5-per-class retrieval subsets): a text file with
+    # one video id per line, a CAV-MAE JSON datafile (its `video_id`s) or a CSV with a `video_id`
+    # or `key` column. Ids match a clip's video id or key. "" = every clip of `input`.
+    ids: str = ""
     output: str = ""  # folder for shards, index.json, sizes.json and report.json
     prefix: str = "shard"  # shards are <output>/<prefix>-000000.tar
     clip_seconds: float = 10.0  # only the first 10 s of each clip are used (reference)
@@ -56,6 +60,8 @@ class ShardingConfig:
             raise ConfigError(f"prefix must be a plain file-name prefix, got {self.prefix!r}")
         if self.clip_seconds <= 0:
             raise ConfigError(f"clip_seconds must be > 0, got {self.clip_seconds}")
+        if self.ids and not Path(self.ids).is_file():
+            raise ConfigError(f"ids: {self.ids} is not a file (one video id per line, a CAV-MAE JSON or a CSV)")
         if self.max_samples_per_shard < 1:
             raise ConfigError(f"max_samples_per_shard must be >= 1, got {self.max_samples_per_shard}")
         if self.max_bytes_per_shard < 1:

@@ -19,7 +19,7 @@ from tgdp.data.format import FORMAT_VERSION, REPORT_NAME, ShardInfo, write_index
 from tgdp.data.shards.config import ShardingConfig
 from tgdp.data.shards.extract import ClipError, extract_clip
 from tgdp.data.shards.parts import part_name, task_slice
-from tgdp.data.shards.sources import Clip, read_clips
+from tgdp.data.shards.sources import Clip, ManifestError, keep_ids, read_clips, read_id_list
 from tgdp.data.shards.writer import (
     Journal,
     JournalEntry,
@@ -102,6 +102,14 @@ def make_shards(cfg: ShardingConfig) -> RunResult:
     """Run (or resume) a sharding job; see data_tools/make_shards.py for the command line."""
     out = output_dir(cfg)
     clips = read_clips(cfg.input)  # before creating anything: a bad manifest leaves no empty folder behind
+    missing_ids: list[str] = []
+    if cfg.ids:
+        clips, missing_ids = keep_ids(clips, read_id_list(cfg.ids))
+        if missing_ids:
+            log.warning("%d ids of %s are not in %s (listed in report.json `missing_ids`)", len(missing_ids),
+                        cfg.ids, cfg.input)
+        if not clips:
+            raise ManifestError(f"none of the ids in {cfg.ids} matches a clip of {cfg.input} (by video id or key)")
     out.mkdir(parents=True, exist_ok=True)
     plan = make_plan(clips, cfg)
     params = {k: v for k, v in to_dict(cfg).items() if k in _OUTPUT_PARAMS}
@@ -158,6 +166,7 @@ def make_shards(cfg: ShardingConfig) -> RunResult:
     write_json_atomic(
         out / REPORT_NAME,
         {"input": cfg.input, "clips": len(plan), "samples": sum(s.samples for s in shards),
-         "shards": len(shards), "failed": len(failures), "failures": failures},
+         "shards": len(shards), "failed": len(failures), "failures": failures,
+         **({"ids": cfg.ids, "missing_ids": missing_ids} if cfg.ids else {})},
     )
     return RunResult(shards, failures, len(done), len(plan), out, notes)

@@ -170,3 +170,35 @@ def _mark_duplicate_keys(clips: list[Clip]) -> None:
             clip.error = f"duplicate key {clip.key!r} (first used by {seen[clip.key]}); give the manifest a unique `key` column"
         else:
             seen[clip.key] = clip.source
+
+
+def read_id_list(path: str | Path) -> list[str]:
+    """Video ids from a text file (one per line, `#` comments), a CAV-MAE JSON datafile (`data[*].video_id`)
+    or a CSV/TSV with a `video_id` (or `key`) column, in file order."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".json":
+            entries = json.loads(path.read_text(encoding="utf-8")).get("data")
+            if not isinstance(entries, list):
+                raise ManifestError(f"id list {path}: a JSON id list must be a CAV-MAE datafile with a `data` list")
+            return [str(e["video_id"]) for e in entries if isinstance(e, dict) and e.get("video_id")]
+        if path.suffix.lower() in (".csv", ".tsv"):
+            with open(path, newline="", encoding="utf-8-sig") as fh:
+                reader = csv.DictReader(fh, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+                column = next((c for c in ("video_id", "key") if c in (reader.fieldnames or [])), None)
+                if column is None:
+                    raise ManifestError(f"id list {path} has columns {reader.fieldnames}; it needs `video_id` or `key`")
+                return [row[column].strip() for row in reader if row.get(column, "").strip()]
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        raise ManifestError(f"cannot read id list {path}: {exc}") from exc
+    return [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+
+
+def keep_ids(clips: list[Clip], ids: list[str]) -> tuple[list[Clip], list[str]]:
+    """(clips whose video id or key is listed, listed ids found in no clip)."""
+    wanted = set(ids) | {sanitise_key(i) for i in ids}
+    kept = [c for c in clips if c.video_id in wanted or c.key in wanted]
+    found = {c.video_id for c in kept} | {c.key for c in kept}
+    missing = [i for i in dict.fromkeys(ids) if i not in found and sanitise_key(i) not in found]
+    return kept, missing
