@@ -35,6 +35,7 @@ from torch import nn
 from tgdp.config import ConfigError, parse_cli, to_dict
 from tgdp.data.transforms import LabelVocab
 from tgdp.eval.classification import mean_average_precision, top1_accuracy
+from tgdp.eval.command import run_command
 from tgdp.eval.embed import EmbedConfig, Embeddings, extract
 from tgdp.eval.encoder import EncoderConfig, load_encoder
 from tgdp.eval.heads import AttentionProbe, LinearProbe
@@ -278,16 +279,9 @@ FLAGS = {
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_cli(ProbeConfig, "probe", argv, description="Frozen-encoder attention / linear probe.",
                     flags=FLAGS, default_preset="as20k")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        results = run_probe(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"tgdp.eval.probe: error: {exc}", file=sys.stderr)
+    results = run_command("tgdp.eval.probe", run_probe, cfg)
+    if results is None:
         return 2
-    finally:
-        from tgdp.parallel import destroy_distributed
-
-        destroy_distributed()
     if "output" in results:
         m = results["metric"]
         print(f"{results['head']} probe ({results['modality']}, {results['task']}): {m} {results[m]:.2f} "

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from tgdp.config import ConfigError, parse_cli, to_dict
+from tgdp.eval.command import run_command
 from tgdp.eval.embed import EmbedConfig, Embeddings, data_config, dist_info, extract
 from tgdp.eval.encoder import EncoderConfig, load_encoder
 from tgdp.eval.ranking import DEFAULT_KS, TIE_POLICIES, MatchCounts, normalise, paired_match_counts, recall_metrics
@@ -149,16 +150,9 @@ FLAGS = {
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_cli(RetrievalConfig, "retrieval", argv, description="Zero-shot audio-visual retrieval (R@K, MR).",
                     flags=FLAGS, default_preset="tgdp")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        results = run_retrieval(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"tgdp.eval.retrieval: error: {exc}", file=sys.stderr)
+    results = run_command("tgdp.eval.retrieval", run_retrieval, cfg)
+    if results is None:
         return 2
-    finally:
-        from tgdp.parallel import destroy_distributed
-
-        destroy_distributed()
     if "output" in results:
         for name in DIRECTIONS:
             r = results[name]
