@@ -20,7 +20,7 @@ The passes are exactly those `TGDPTask.forward` runs in each mode:
 * recon: visible tokens through the modality blocks, the joint unified stream, the decoder.
 * contrastive: visible tokens (contrastive ratio) through the modality blocks and the unified
   block on each modality stream (+ contrastive heads); with a CLS token and no heads, the last
-  unified block runs the query, projection and MLP for the CLS token only. In mode single the recon pass's
+  unified block runs the attention, projection and MLP for the CLS token only. In mode single the recon pass's
   modality-block output is reused (`CAVMAE.encode_single_pass`): only the unified block on each
   modality stream is added, as in CAV-MAE's own forward.
 """
@@ -38,13 +38,14 @@ def block_flops(n: int, d: int, mlp_ratio: float, heads: int = 1, attn_pad: int 
                 queries: int | None = None, outputs: int | None = None) -> float:
     """Forward matmul FLOPs of one Block on n tokens of width d (attn_pad extra channels per head).
 
-    queries / outputs (default n): tokens whose query is computed and attended, and tokens whose
-    projection and MLP run (Block's cls_only: 1 and 1; the teacher's last block: n and 1).
+    queries / outputs (default n): tokens that attend, and tokens whose projection and MLP run
+    (Block's cls_only: 1 and 1; the teacher's last block: n and 1). The qkv projection always
+    runs for all n tokens.
     """
     hidden = int(d * mlp_ratio)
     queries = n if queries is None else queries
     outputs = n if outputs is None else outputs
-    linear = 2.0 * (queries * d * d + 2 * n * d * d) + 2.0 * outputs * (d * d + 2 * d * hidden)
+    linear = 2.0 * n * 3 * d * d + 2.0 * outputs * (d * d + 2 * d * hidden)
     attention = 4.0 * queries * n * (d + attn_pad * heads)
     return linear + attention
 
