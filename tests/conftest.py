@@ -26,6 +26,17 @@ def run_tool(script: str, *args: str, check: bool = True, timeout: float = 600) 
     return proc
 
 
+def synthetic_shards(root: Path, num_clips: int, duration: float, seed: int = 11) -> Path:
+    """A corpus of real clips (4 classes) under root/corpus, sharded 4 per shard into root/shards."""
+    from tgdp.data.synthetic import make_corpus
+
+    manifest = make_corpus(root / "corpus", num_clips=num_clips, num_classes=4, duration=duration, seed=seed,
+                           workers=2)
+    run_tool("make_shards.py", "--input", manifest, "--output", root / "shards", "--workers", "2",
+             "max_samples_per_shard=4", "progress=false")
+    return root / "shards"
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     """12 ten-second h264+aac clips (160x120) whose sound and picture share hidden factors."""

@@ -31,7 +31,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, run_tool
+from tests.conftest import REPO, synthetic_shards
 from tgdp.metrics import read_metrics
 
 CLUSTER = REPO / "slurm" / "local_cluster.sh"
@@ -169,13 +169,7 @@ def _seconds(slurm_time: str) -> int:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """16 four-second clips in 4 shards: enough for 2 ranks (tiny preset, virtual epochs)."""
-    from tgdp.data.synthetic import make_corpus
-
-    root = tmp_path_factory.mktemp("slurm_data")
-    manifest = make_corpus(root / "corpus", num_clips=16, num_classes=4, duration=4.0, seed=11, workers=2)
-    run_tool("make_shards.py", "--input", manifest, "--output", root / "shards", "--workers", "2",
-             "max_samples_per_shard=4", "progress=false")
-    return root / "shards"
+    return synthetic_shards(tmp_path_factory.mktemp("slurm_data"), num_clips=16, duration=4.0)
 
 
 def train_args(shards: Path, run_dir: Path) -> list[str]:

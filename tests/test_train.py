@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, run_tool
+from tests.conftest import REPO, synthetic_shards
 from tgdp.metrics import read_metrics
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
@@ -22,13 +22,7 @@ TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 @pytest.fixture(scope="module")
 def train_shards(tmp_path_factory) -> Path:
     """32 synthetic clips in 8 shards: enough for 2 ranks and a learning signal."""
-    from tgdp.data.synthetic import make_corpus
-
-    root = tmp_path_factory.mktemp("train")
-    manifest = make_corpus(root / "corpus", num_clips=32, num_classes=4, duration=10.0, seed=11, workers=2)
-    run_tool("make_shards.py", "--input", manifest, "--output", root / "shards", "--workers", "2",
-             "max_samples_per_shard=4", "progress=false")
-    return root / "shards"
+    return synthetic_shards(tmp_path_factory.mktemp("train"), num_clips=32, duration=10.0)
 
 
 def common(shards: Path, steps: int) -> list[str]:
