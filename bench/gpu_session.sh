@@ -14,6 +14,8 @@
 #      for ddp / fsdp2 / zero2 / zero3), samples/s and MFU vs the bf16 dense peak.
 #   3. tiny preset on CUDA + NCCL with FSDP2: 10 steps with checkpoints, then a re-run that resumes.
 #   4. bench_train fsdp2 with parallel.compile=true (torch.compile per block), if time is left.
+#   0. (first) bench/profile_step.py: the trainer's step without the loader, per variant
+#      (PROFILE_VARIANTS='a=1 b=2;c=3' replaces the list): device-busy %, kernel time by kind, memory.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEADLINE=${1:-500}
@@ -41,6 +43,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 python3 -c "import torch, deepspeed, omegaconf, webdataset; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'deepspeed', deepspeed.__version__, torch.cuda.get_device_name(0))" 2>&1 | grep -v Warning | tee -a "$OUT/gpu.txt"
 
+VARIANTS=(--variant parallel.backend=none --variant 'parallel.backend=none data.batch_size=128'
+          --variant parallel.backend=fsdp2 --variant 'parallel.backend=none parallel.compile=true')
+[ -n "${PROFILE_VARIANTS:-}" ] && IFS=';' read -r -a V <<< "$PROFILE_VARIANTS" && VARIANTS=() \
+  && for v in "${V[@]}"; do VARIANTS+=(--variant "$v"); done
+stage profile 300 python3 bench/profile_step.py --shards .gpu/shards --preset base --device cuda --batch 64 \
+  --json "$OUT/profile.json" "${VARIANTS[@]}"
 stage step_fp16 110 python3 bench/bench_step.py --device cuda --dtype bf16 --naive-dtype fp16 --batch 64 --repeats 10
 stage train 240 python3 bench/bench_train.py --device cuda --dtype bf16 --presets base --nproc 1 \
   --backends none,ddp,fsdp2,zero2,zero3 --shards .gpu/shards --no-memory --steps 30 --warmup 10 \

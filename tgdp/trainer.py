@@ -61,6 +61,7 @@ class TrainConfig:
     # Fault injection for reliability tests and drills: the loss of these steps (numbered as logged:
     # step N is the N-th optimizer step) is made NaN.
     inject_nonfinite_steps: list[int] = field(default_factory=list)
+    inject_nonfinite_micro: int = -1  # which micro-batch of those steps (-1: all of them)
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -92,9 +93,9 @@ class TrainConfig:
                 f"parallel.backend={self.parallel.backend} trains, but checkpointing DeepSpeed engines is not "
                 "supported yet; use parallel.backend=fsdp2 / hsdp / ddp for runs that must resume, or train "
                 "without checkpoints: checkpoint.every_steps=0 checkpoint.every_minutes=0 export_on_finish=false")
-        if self.parallel.backend in ZERO_BACKENDS and self.grad_accum > 1:
-            raise ConfigError(f"grad_accum={self.grad_accum} with parallel.backend={self.parallel.backend} is not "
-                              "supported yet (DeepSpeed counts micro-steps itself); use grad_accum=1 or fsdp2 / ddp")
+        if not -1 <= self.inject_nonfinite_micro < self.grad_accum:
+            raise ConfigError(f"inject_nonfinite_micro must be -1 (all) or a micro-batch index below grad_accum="
+                              f"{self.grad_accum}, got {self.inject_nonfinite_micro}")
         if self.init.mae_checkpoint and self.init.official_checkpoint:
             raise ConfigError("set at most one of init.mae_checkpoint and init.official_checkpoint")
 
@@ -139,11 +140,38 @@ class NonFiniteStop(RuntimeError):
 
 
 def _all_finite(values: list[torch.Tensor], device: torch.device) -> bool:
-    """True when every value is finite on EVERY rank (so all ranks skip or step together)."""
-    ok = torch.tensor([1.0 if all(bool(torch.isfinite(v).all()) for v in values) else 0.0], device=device)
+    """True when every value is finite on EVERY rank (so all ranks skip or step together).
+
+    One host read for the whole list (and one all-reduce on > 1 rank), not one per value."""
+    ok = torch.stack([torch.isfinite(v.detach()).all() for v in values]).all().to(device, torch.float32).reshape(1)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())
+
+
+@dataclass
+class StepResult:
+    """What a step leaves for logging, still on the device: read only when the step is logged."""
+
+    sums: dict[str, torch.Tensor]  # each term averaged over the step's micro-batches
+    norm: torch.Tensor  # global gradient norm before clipping (DeepSpeed's own under ZeRO)
+    applied: bool
+    task: TaskConfig
+
+    def terms(self) -> dict[str, float]:
+        """Logged names -> floats, plus the step's total loss from its averaged terms (`out.loss`
+        is a micro-batch's share). One device-to-host copy."""
+        if not self.sums:
+            return {}
+        names = sorted(self.sums)
+        values = dict(zip(names, torch.stack([self.sums[n].float() for n in names]).tolist()))
+        t = self.task
+        values["loss"] = t.recon_weight * values["loss_recon"] + t.contrastive_weight * values["loss_contrastive"] + (
+            t.distill_weight * values["loss_distill"] if t.distill_active else 0.0)
+        return {_metric_name(k): v for k, v in values.items()}
+
+    def grad_norm(self) -> float:
+        return float(self.norm)
 
 
 def _global_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
@@ -185,6 +213,8 @@ class Trainer:
         self.checkpointing = not self.is_engine  # DeepSpeed engines: refused by TrainConfig.validate
         self.optimizer = self.wrapped.optimizer if self.is_engine else build_optimizer(task.student, cfg.optim)
         self.lrs = lr_schedule(cfg.optim, cfg.total_steps)
+        if cfg.data.pin_memory is None:  # pinned host batches make the `non_blocking` copies really async
+            cfg.data.pin_memory = self.device.type == "cuda"
         self.loader = ShardLoader(cfg.data, self.env.rank, self.env.world_size)
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint, self.env.rank, self.env.world_size)
         self.flops_per_sample = flops_per_sample(cfg.model, cfg.task)
@@ -298,14 +328,15 @@ class Trainer:
         stopped_by = ""
         try:
             while self.step < cfg.total_steps:
-                out, terms, grad_norm, applied = self._one_step(batches)
+                out, result = self._one_step(batches)
                 self.step += 1
                 meter.step_done(cfg.data.batch_size * cfg.grad_accum,
                                 self._flops_at(self.step - 1))
                 if logger.should_log(self.step) or self.step == cfg.total_steps:
-                    record = {**_mean_over_ranks(terms, self.device), "train/lr": float(self.lrs[self.step - 1]),
+                    record = {**_mean_over_ranks(result.terms(), self.device),
+                              "train/lr": float(self.lrs[self.step - 1]),
                               "train/ema_momentum": self.task.momentum(self.step - 1),
-                              "train/grad_norm": grad_norm, "train/step_applied": float(applied),
+                              "train/grad_norm": result.grad_norm(), "train/step_applied": float(result.applied),
                               "train/contrastive_mask_ratio": out.contrastive_mask_ratio,
                               "data/skipped": self.loader.skipped,
                               "data/shard_errors": self.loader.shard_errors, **meter.summary()}
@@ -341,10 +372,22 @@ class Trainer:
         return flops_per_sample(self.cfg.model, self.cfg.task, self.task.contrastive_mask_ratio(step))
 
     def _one_step(self, batches: Iterator[dict[str, Any]]):
+        """One optimizer step with ONE host synchronisation (the apply-or-skip decision).
+
+        Why: every `.item()` / `float(tensor)` drains the CUDA queue, and the GPU then idles while
+        the CPU launches the next kernels. Loss terms stay on the device (`StepResult.terms` reads
+        them only when a step is logged). The non-finite guard needs no read before a backward: a
+        NaN loss makes NaN gradients, so the gradient norm decides. Ours (DDP / FSDP2 / none): one
+        all-reduced read of the micro-batch losses and the norm, then the update or `zero_grad`.
+        DeepSpeed engines make the same decision inside `step()`: ZeRO's optimizer all-reduces the
+        norm, skips a non-finite step and clears its own gradient partitions (its overflow path,
+        on for fp32 and for bf16 with `check_grad_overflow`, DeepSpeed's default), and reports it
+        through `was_step_applied()`.
+        """
         cfg, task = self.cfg, self.task
         step = self.step
         set_lr(self.optimizer, float(self.lrs[step]))
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         losses = []
         out = None
         inputs = [(b["audio"].to(self.device, non_blocking=True), b["frames"].to(self.device, non_blocking=True))
@@ -355,33 +398,30 @@ class Trainer:
         for micro, (audio, frames) in enumerate(inputs):
             self._last_inputs = (audio, frames)
             out = task(audio, frames, step, self.env.rank, micro, grad_accum=cfg.grad_accum, bank=bank)
-            if step + 1 in cfg.inject_nonfinite_steps:
+            if step + 1 in cfg.inject_nonfinite_steps and cfg.inject_nonfinite_micro in (-1, micro):
                 out.loss = out.loss * float("nan")
-            loss = out.loss  # this micro-batch's share (the task divides by grad_accum)
             losses.append(out.loss.detach())
-            if not _all_finite([out.loss.detach()], self.device):
-                continue  # every rank skips this backward together
+            for name, value in out.scalars().items():
+                sums[name] = sums[name] + value / cfg.grad_accum if name in sums else value / cfg.grad_accum
             last = micro == cfg.grad_accum - 1
             with P.gradient_sync(self.wrapped, enabled=last or not cfg.parallel.defer_grad_sync):
-                P.backward(self.wrapped, loss)
-            for name, value in out.scalars().items():
-                sums[name] = sums.get(name, 0.0) + float(value) / cfg.grad_accum
-        if sums:  # the step's total from its averaged terms (`out.loss` is a micro-batch's share)
-            t = cfg.task
-            sums["loss"] = t.recon_weight * sums["loss_recon"] + t.contrastive_weight * sums["loss_contrastive"] + (
-                t.distill_weight * sums["loss_distill"] if t.distill_active else 0.0)
-        finite = _all_finite(losses, self.device)
-        grad_norm = float("nan")
-        if not self.is_engine:
-            norm = _global_grad_norm(list(task.student.parameters()), cfg.optim.grad_clip if finite else 0.0)
-            grad_norm = float(norm)
-            finite = finite and _all_finite([norm], self.device)
-        if finite:
+                P.backward(self.wrapped, out.loss, boundary=last)  # this micro-batch's share (task / grad_accum)
+        if self.is_engine:
             P.optimizer_step(self.wrapped, self.optimizer)
+            applied = bool(self.wrapped.was_step_applied())
+            ds_norm = self.wrapped.get_global_grad_norm()  # a float DeepSpeed already read (None: not computed)
+            norm = torch.tensor(float("nan") if ds_norm is None else float(ds_norm))
+        else:
+            norm = _global_grad_norm(list(task.student.parameters()), cfg.optim.grad_clip)
+            applied = _all_finite(losses + [norm], self.device)  # the step's one host sync
+            if applied:
+                P.optimizer_step(self.wrapped, self.optimizer)
+            else:  # a non-finite norm made the clip scale the gradients by NaN: drop them
+                self.optimizer.zero_grad(set_to_none=True)
+        if applied:
             task.update_teacher(step)
             self.nonfinite_streak = 0
         else:
-            self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_streak += 1
             log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step + 1,
                         self.nonfinite_streak)
@@ -390,8 +430,7 @@ class Trainer:
                     f"{self.nonfinite_streak} consecutive steps with non-finite loss/gradients (last: step {step + 1}); "
                     f"a checkpoint of the last good state is in {self.ckpt.root}. Lower optim.lr, check the data "
                     "(data/skipped), or use parallel.mixed_precision=fp32 to investigate")
-        terms = {_metric_name(k): v for k, v in sums.items()}
-        return out, terms, grad_norm, finite
+        return out, StepResult(sums, norm, applied, cfg.task)
 
     def _pictures(self, out) -> dict[str, Path]:
         """Reconstruction and teacher priority map of the first sample of the last micro-batch."""

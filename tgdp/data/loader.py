@@ -112,7 +112,7 @@ class DataConfig:
     label_csv: str = ""  # index,mid,display_name; adds `label_targets` to batches
     start_method: str = "forkserver"  # decoders in forked workers have deadlocked for others
     prefetch_factor: int = 2
-    pin_memory: bool = False
+    pin_memory: bool | None = None  # None: pin when the trainer runs on CUDA (async host-to-device copies)
     on_layout_change: str = "fast_forward"  # resume policy, see the module docstring
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -338,7 +338,7 @@ class ShardLoader:
 
     def _loader_kwargs(self) -> dict[str, Any]:
         cfg = self.cfg
-        kwargs: dict[str, Any] = {"num_workers": cfg.num_workers, "pin_memory": cfg.pin_memory}
+        kwargs: dict[str, Any] = {"num_workers": cfg.num_workers, "pin_memory": bool(cfg.pin_memory)}
         if cfg.num_workers > 0:
             kwargs["worker_init_fn"] = _worker_init
             ctx = mp.get_context(cfg.start_method)

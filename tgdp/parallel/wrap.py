@@ -293,10 +293,17 @@ def reshard(model: nn.Module) -> None:
         zero.release_zero3(model)
 
 
-def backward(wrapped: Any, loss: torch.Tensor) -> None:
-    """loss.backward(), or engine.backward(loss) for DeepSpeed (it scales by gradient accumulation)."""
+def backward(wrapped: Any, loss: torch.Tensor, boundary: bool = True) -> None:
+    """loss.backward(), or the DeepSpeed engine's backward for one micro-batch.
+
+    The loss is already this micro-batch's share of the step (the task divides by grad_accum), so
+    the engine must not scale it again (`scale_wrt_gas=False`), and `boundary` (the step's last
+    micro-batch) tells it when to finish the gradient reduction: the trainer owns the micro-step
+    count, so a skipped (non-finite) micro-batch cannot shift DeepSpeed's own counter.
+    """
     if _is_engine(wrapped):
-        wrapped.backward(loss)
+        wrapped.set_gradient_accumulation_boundary(boundary)
+        wrapped.backward(loss, scale_wrt_gas=False)
     else:
         loss.backward()
 
