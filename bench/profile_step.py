@@ -62,7 +62,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     overrides = [f"data.shards={args.shards}", f"device={args.device}", f"data.batch_size={args.batch}",
                  "logging.wandb=false", "logging.image_every=0", "checkpoint.every_steps=0",
-                 "checkpoint.every_minutes=0", "export_on_finish=false", "data.num_workers=2",
+                 "checkpoint.every_minutes=0", "export_on_finish=false", "data.num_workers=1",
+                 "data.samples_per_epoch=100000",  # a few real clips are enough: two batches are kept
                  f"run_dir={args.run_dir}", f"total_steps={args.warmup + args.steps + args.profile_steps + 1}"]
     if args.device == "cuda":
         overrides.append("parallel.mixed_precision=bf16")
