@@ -21,6 +21,9 @@ MIXED_PRECISIONS = ("bf16", "fp32")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
+
 @dataclass
 class ParallelConfig:
     # none: one process or replicas without gradient sync (tests, debugging).
@@ -41,6 +44,9 @@ class ParallelConfig:
     # torch.compile backend: inductor (generated kernels; the point of compiling) or aot_eager
     # (traces forward + backward but runs eager kernels: a cheap check that blocks compile).
     compile_backend: str = "inductor"
+    # inductor's mode: default | reduce-overhead (CUDA graphs: the host no longer launches each
+    # kernel) | max-autotune-no-cudagraphs | max-autotune. Ignored by the other backends.
+    compile_mode: str = "default"
     # Student blocks: free the gathered parameters after forward (True = least memory, one more
     # all-gather in backward; False = ZeRO-2-like, fastest when memory allows). The teacher always
     # reshards (it has no backward to reuse them), root included.
@@ -73,6 +79,8 @@ class ParallelConfig:
              f"(got backend {self.backend!r}, shard_group_size {self.shard_group_size})")
         need(self.compile_backend in ("inductor", "aot_eager", "eager"),
              f"parallel.compile_backend must be inductor, aot_eager or eager, got {self.compile_backend!r}")
+        need(self.compile_mode in COMPILE_MODES,
+             f"parallel.compile_mode must be one of {list(COMPILE_MODES)}, got {self.compile_mode!r}")
         if self.backend in ZERO_BACKENDS:
             need(not self.compile, f"parallel.compile=true is not supported with parallel.backend={self.backend} "
                                    "(DeepSpeed's parameter hooks break per-block graphs); set parallel.compile=false "

@@ -219,7 +219,8 @@ def shard_model(model: nn.Module, cfg: ParallelConfig, env: DistEnv, *, inferenc
             _checkpoint_activations(unit)
     if cfg.compile:
         for unit in units:
-            unit.compile(backend=cfg.compile_backend)
+            unit.compile(backend=cfg.compile_backend,
+                         **({"mode": cfg.compile_mode} if cfg.compile_backend == "inductor" else {}))
     bf16 = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
     dev = env.device.type
     record = Placement(backend, inference_only, shard_group_size(cfg, env))
