@@ -12,7 +12,8 @@
 #      (the official recipe) and under bf16 (same precision).
 #   2. bench_train, base, bf16, one GPU: every backend through the real trainer (NCCL group of one
 #      for ddp / fsdp2 / zero2 / zero3), samples/s and MFU vs the bf16 dense peak.
-#   3. tiny preset on CUDA + NCCL with FSDP2: 10 steps with checkpoints, then a re-run that resumes.
+#   3. tiny preset on CUDA + NCCL per RESUME_BACKENDS (default fsdp2): 10 steps with checkpoints,
+#      then a re-run that resumes.
 #   4. bench_train fsdp2 with parallel.compile=true (torch.compile per block), if time is left.
 #   0. (first) bench/profile_step.py: the trainer's step without the loader, per variant
 #      (PROFILE_VARIANTS='a=1 b=2;c=3' replaces the list): device-busy %, kernel time by kind, memory.
@@ -52,17 +53,21 @@ stage profile 300 python3 bench/profile_step.py --shards .gpu/shards --preset ba
   --json "$OUT/profile.json" "${VARIANTS[@]}"
 stage step_fp16 110 python3 bench/bench_step.py --device cuda --dtype bf16 --naive-dtype fp16 --batch 64 --repeats 10
 stage train 240 python3 bench/bench_train.py --device cuda --dtype bf16 --presets base --nproc 1 \
-  --backends none,ddp,fsdp2,zero2,zero3 --shards .gpu/shards --no-memory --steps 30 --warmup 10 \
-  --log-dir "$OUT" --override data.num_workers=6
-RUN=/tmp/tgdp_gpu_resume
-rm -rf "$RUN"
-RESUME=(python3 -m torch.distributed.run --nproc_per_node 1 --master_port 29533 tgdp/train.py --config tiny
-        --run-dir "$RUN" --shards .gpu/shards device=cuda parallel.mixed_precision=bf16 checkpoint.every_steps=5
-        logging.wandb=false logging.log_every=5 data.batch_size=16)
-stage resume_a 60 "${RESUME[@]}" --steps 10
-stage resume_b 60 "${RESUME[@]}" --steps 20
-ls "$RUN/checkpoints" > "$OUT/resume_checkpoints.txt" 2>&1
-cp "$RUN/metrics.jsonl" "$OUT/resume_metrics.jsonl" 2>/dev/null
+  --backends "${TRAIN_BACKENDS:-none,ddp,fsdp2,zero2,zero3}" --shards .gpu/shards --no-memory --steps 30 \
+  --warmup 10 --log-dir "$OUT" --override data.num_workers=12 ${TRAIN_OVERRIDES:-}
+# Checkpoint + resume on CUDA, bf16, NCCL, per backend in RESUME_BACKENDS (fsdp2 by default): 10
+# steps with a checkpoint every 5, then the same command with --steps 20 resumes from step 10.
+for backend in ${RESUME_BACKENDS:-fsdp2}; do
+  RUN=/tmp/tgdp_gpu_resume_$backend
+  rm -rf "$RUN"
+  RESUME=(python3 -m torch.distributed.run --nproc_per_node 1 --master_port 29533 tgdp/train.py --config tiny
+          --run-dir "$RUN" --shards .gpu/shards device=cuda parallel.mixed_precision=bf16 checkpoint.every_steps=5
+          logging.wandb=false logging.log_every=5 data.batch_size=16 parallel.backend=$backend)
+  stage "resume_a_$backend" 60 "${RESUME[@]}" --steps 10
+  stage "resume_b_$backend" 60 "${RESUME[@]}" --steps 20
+  ls "$RUN/checkpoints" > "$OUT/resume_checkpoints_$backend.txt" 2>&1
+  cp "$RUN/metrics.jsonl" "$OUT/resume_metrics_$backend.jsonl" 2>/dev/null
+done
 stage step_bf16 80 python3 bench/bench_step.py --device cuda --dtype bf16 --naive-dtype bf16 --batch 64 --repeats 10
 stage compile 150 python3 bench/bench_train.py --device cuda --dtype bf16 --presets base --nproc 1 \
   --backends fsdp2 --shards .gpu/shards --no-memory --steps 30 --warmup 10 --log-dir "$OUT" \
@@ -71,5 +76,5 @@ stage compile 150 python3 bench/bench_train.py --device cuda --dtype bf16 --pres
 echo "== summary ($(( SECONDS - START ))s)"
 for f in step_fp16 step_bf16; do grep -E "^model=|speed-up|achieved|step time|loss " "$OUT/$f.log"; done
 grep -E "^\| base|MFU peak|FAILED" "$OUT/train.log" "$OUT/compile.log"
-grep -c '"step"' "$OUT/resume_metrics.jsonl" 2>/dev/null; cat "$OUT/resume_checkpoints.txt"
-tail -3 "$OUT/resume_b.log"
+for f in "$OUT"/resume_checkpoints_*.txt; do [ -f "$f" ] && echo "$f:" && cat "$f"; done
+for f in "$OUT"/resume_b_*.log; do [ -f "$f" ] && tail -3 "$f"; done

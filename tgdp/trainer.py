@@ -127,10 +127,12 @@ class StopRequested:
         self.flag = True
         self.signal_name = signal.Signals(signum).name
 
-    def agreed(self, device: torch.device) -> bool:
+    def agreed(self) -> bool:
+        """The flag, OR-ed over ranks. A CPU tensor: the process group's gloo side carries it, so
+        asking every step does not drain the CUDA queue (the optimizer and EMA kernels keep running)."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return self.flag
-        t = torch.tensor([1.0 if self.flag else 0.0], device=device)
+        t = torch.tensor([1.0 if self.flag else 0.0])
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
@@ -346,7 +348,7 @@ class Trainer:
                     meter.reset()  # evaluation time is not training throughput
                 if env.rank == 0 and cfg.logging.image_every and self.step % cfg.logging.image_every == 0:
                     logger.log_images(self.step, self._pictures(out))
-                if self.stop.agreed(self.device):
+                if self.stop.agreed():
                     stopped_by = self.stop.signal_name or "another rank's signal"
                     break
                 if self.checkpointing and self.ckpt.should_save(self.step):
