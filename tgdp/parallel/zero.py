@@ -72,7 +72,10 @@ def load_deepspeed_config(cfg: ParallelConfig, overrides: Optional[dict[str, Any
         ds.setdefault("train_micro_batch_size_per_gpu", 1)
         ds.setdefault("gradient_accumulation_steps", 1)
     if cfg.mixed_precision == "bf16":
-        ds["bf16"] = {"enabled": True}  # bf16 params for compute, fp32 master partitions
+        # bf16 params for compute, fp32 master partitions. check_grad_overflow (DeepSpeed's default,
+        # spelled out because the trainer's non-finite guard relies on it): a NaN/inf gradient norm
+        # skips the step and clears ZeRO's gradient partitions.
+        ds["bf16"] = {"enabled": True, "check_grad_overflow": True}
         ds.setdefault("communication_data_type", "fp32")  # fp32 gradient reductions
     return ds
 
