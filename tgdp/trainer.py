@@ -25,6 +25,7 @@ from tgdp.parallel.config import SHARDED_BACKENDS, ZERO_BACKENDS
 from tgdp.checkpoint import CheckpointConfig, CheckpointManager, OptimizerState
 from tgdp.checkpoint.files import read_json
 from tgdp.checkpoint.layout import META_FILE
+from tgdp.checkpoint.zero_state import ZeroEngineState, ZeroModelState, ZeroOptimizerState
 from tgdp.config import ConfigError, config_record, to_dict
 from tgdp.data.loader import DataConfig, ShardLoader
 from tgdp.eval.periodic import PeriodicEvalConfig, PeriodicRetrieval
@@ -86,12 +87,6 @@ class TrainConfig:
             raise ConfigError(f"data.frame_size ({d.frame_size}) must equal model.image_size ({m.image_size})")
         if d.split != "train":
             raise ConfigError(f"data.split must be 'train' for pretraining, got {d.split!r}")
-        if self.parallel.backend in ZERO_BACKENDS and (self.checkpoint.every_steps or self.checkpoint.every_minutes
-                                                       or self.export_on_finish):
-            raise ConfigError(
-                f"parallel.backend={self.parallel.backend} trains, but checkpointing DeepSpeed engines is not "
-                "supported yet; use parallel.backend=fsdp2 / hsdp / ddp for runs that must resume, or train "
-                "without checkpoints: checkpoint.every_steps=0 checkpoint.every_minutes=0 export_on_finish=false")
         if self.parallel.backend in ZERO_BACKENDS and self.grad_accum > 1:
             raise ConfigError(f"grad_accum={self.grad_accum} with parallel.backend={self.parallel.backend} is not "
                               "supported yet (DeepSpeed counts micro-steps itself); use grad_accum=1 or fsdp2 / ddp")
@@ -182,7 +177,7 @@ class Trainer:
             P.verify_sharding(task.student, self.env, cfg.parallel.backend)
         # DeepSpeed wraps the optimizer it was given: the LR is set on (and state read from) its wrapper.
         self.is_engine = cfg.parallel.backend in ZERO_BACKENDS
-        self.checkpointing = not self.is_engine  # DeepSpeed engines: refused by TrainConfig.validate
+        self.checkpointing = True  # every backend; ZeRO engines through tgdp.checkpoint.zero_state
         self.optimizer = self.wrapped.optimizer if self.is_engine else build_optimizer(task.student, cfg.optim)
         self.lrs = lr_schedule(cfg.optim, cfg.total_steps)
         self.loader = ShardLoader(cfg.data, self.env.rank, self.env.world_size)
@@ -204,12 +199,21 @@ class Trainer:
             "gradient_clipping": cfg.optim.grad_clip}}
 
     # ------------------------------------------------------------------ state
-    def app_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"student": self.task.student,
-                                 "optim": OptimizerState(self.task.student, self.optimizer),
-                                 "trainer": {"step": self.step, "nonfinite_streak": self.nonfinite_streak}}
+    def _models(self) -> dict[str, Any]:
+        """The models as checkpoints and the export see them: modules, or for ZeRO engines adapters
+        that read DeepSpeed's fp32 masters and ZeRO-3 partitions by parameter name."""
+        models = {"student": self.task.student}
         if self.task.teacher is not None:
-            state["teacher"] = self.task.teacher
+            models["teacher"] = self.task.teacher
+        return {name: ZeroModelState(m) for name, m in models.items()} if self.is_engine else models
+
+    def app_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {**self._models(),
+                                 "trainer": {"step": self.step, "nonfinite_streak": self.nonfinite_streak}}
+        if self.is_engine:
+            state.update(optim=ZeroOptimizerState(self.wrapped), engine=ZeroEngineState(self.wrapped))
+        else:
+            state["optim"] = OptimizerState(self.task.student, self.optimizer)
         return state
 
     def resume(self) -> bool:
@@ -411,10 +415,7 @@ class Trainer:
         return pics
 
     def export(self) -> Path:
-        models = {"student": self.task.student}
-        if self.task.teacher is not None:
-            models["teacher"] = self.task.teacher
-        return self.ckpt.export_consolidated(self.run_dir / "export" / "model.safetensors", models)
+        return self.ckpt.export_consolidated(self.run_dir / "export" / "model.safetensors", self._models())
 
 
 def _mean_over_ranks(terms: dict[str, float], device: torch.device) -> dict[str, float]:
