@@ -387,7 +387,8 @@ def _check_type(name: str, value: Any) -> None:
 
 
 def _save_view(name: str, value: Any) -> Any:
-    """What DCP writes for one app-state entry (state dicts taken here, before any collective)."""
+    """What DCP writes for one app-state entry (state dicts taken here, before DCP's collectives;
+    ZeRO adapters gather full tensors here, a collective of their own)."""
     _check_type(name, value)
     if isinstance(value, nn.Module):
         return ModelState(value).state_dict()
