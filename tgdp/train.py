@@ -82,9 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         trainer.close(wait_for_peers=agreed_end)
     if summary["stopped_by"]:
-        saved = "a checkpoint was written, re-run to resume" if trainer.checkpointing else \
-            "no checkpoint (checkpointing is off for this backend)"
-        log.info("stopped at step %d by %s; %s", summary["step"], summary["stopped_by"], saved)
+        log.info("stopped at step %d by %s; a checkpoint was written, re-run to resume", summary["step"],
+                 summary["stopped_by"])
     return 0
 
 

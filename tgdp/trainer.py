@@ -25,6 +25,7 @@ from tgdp.parallel.config import SHARDED_BACKENDS, ZERO_BACKENDS
 from tgdp.checkpoint import CheckpointConfig, CheckpointManager, OptimizerState
 from tgdp.checkpoint.files import read_json
 from tgdp.checkpoint.layout import META_FILE
+from tgdp.checkpoint.zero_state import ZeroEngineState, ZeroModelState, ZeroOptimizerState
 from tgdp.config import ConfigError, config_record, to_dict
 from tgdp.data.loader import DataConfig, ShardLoader
 from tgdp.eval.periodic import PeriodicEvalConfig, PeriodicRetrieval
@@ -87,12 +88,6 @@ class TrainConfig:
             raise ConfigError(f"data.frame_size ({d.frame_size}) must equal model.image_size ({m.image_size})")
         if d.split != "train":
             raise ConfigError(f"data.split must be 'train' for pretraining, got {d.split!r}")
-        if self.parallel.backend in ZERO_BACKENDS and (self.checkpoint.every_steps or self.checkpoint.every_minutes
-                                                       or self.export_on_finish):
-            raise ConfigError(
-                f"parallel.backend={self.parallel.backend} trains, but checkpointing DeepSpeed engines is not "
-                "supported yet; use parallel.backend=fsdp2 / hsdp / ddp for runs that must resume, or train "
-                "without checkpoints: checkpoint.every_steps=0 checkpoint.every_minutes=0 export_on_finish=false")
         if not -1 <= self.inject_nonfinite_micro < self.grad_accum:
             raise ConfigError(f"inject_nonfinite_micro must be -1 (all) or a micro-batch index below grad_accum="
                               f"{self.grad_accum}, got {self.inject_nonfinite_micro}")
@@ -212,7 +207,6 @@ class Trainer:
             P.verify_sharding(task.student, self.env, cfg.parallel.backend)
         # DeepSpeed wraps the optimizer it was given: the LR is set on (and state read from) its wrapper.
         self.is_engine = cfg.parallel.backend in ZERO_BACKENDS
-        self.checkpointing = not self.is_engine  # DeepSpeed engines: refused by TrainConfig.validate
         self.optimizer = self.wrapped.optimizer if self.is_engine else build_optimizer(task.student, cfg.optim)
         self.lrs = lr_schedule(cfg.optim, cfg.total_steps)
         if cfg.data.pin_memory is None:  # pinned host batches make the `non_blocking` copies really async
@@ -236,12 +230,21 @@ class Trainer:
             "gradient_clipping": cfg.optim.grad_clip}}
 
     # ------------------------------------------------------------------ state
-    def app_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"student": self.task.student,
-                                 "optim": OptimizerState(self.task.student, self.optimizer),
-                                 "trainer": {"step": self.step, "nonfinite_streak": self.nonfinite_streak}}
+    def _models(self) -> dict[str, Any]:
+        """The models as checkpoints and the export see them: modules, or for ZeRO engines adapters
+        that read DeepSpeed's fp32 masters and ZeRO-3 partitions by parameter name."""
+        models = {"student": self.task.student}
         if self.task.teacher is not None:
-            state["teacher"] = self.task.teacher
+            models["teacher"] = self.task.teacher
+        return {name: ZeroModelState(m) for name, m in models.items()} if self.is_engine else models
+
+    def app_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {**self._models(),
+                                 "trainer": {"step": self.step, "nonfinite_streak": self.nonfinite_streak}}
+        if self.is_engine:
+            state.update(optim=ZeroOptimizerState(self.wrapped), engine=ZeroEngineState(self.wrapped))
+        else:
+            state["optim"] = OptimizerState(self.task.student, self.optimizer)
         return state
 
     def resume(self) -> bool:
@@ -316,8 +319,7 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Run to `total_steps` (or to a requested stop); returns a small summary."""
         cfg, env = self.cfg, self.env
-        if self.checkpointing:
-            self.resume()
+        self.resume()
         logger = MetricLogger(cfg.logging, self.run_dir, run_id=self.run_id, config=to_dict(cfg), rank=env.rank,
                               total_steps=cfg.total_steps, start_step=self.step)
         self.run_id = logger.run_id if env.rank == 0 else self.run_id
@@ -351,16 +353,15 @@ class Trainer:
                 if self.stop.agreed():
                     stopped_by = self.stop.signal_name or "another rank's signal"
                     break
-                if self.checkpointing and self.ckpt.should_save(self.step):
+                if self.ckpt.should_save(self.step):
                     self.save()
             finished = self.step >= cfg.total_steps and cfg.checkpoint.save_final
-            if self.checkpointing and (stopped_by or finished) and self._last_saved_step != self.step:
+            if (stopped_by or finished) and self._last_saved_step != self.step:
                 self.save()
             if self.step >= cfg.total_steps and cfg.export_on_finish:
                 self.export()
         except NonFiniteStop:
-            if self.checkpointing:
-                self.save()
+            self.save()
             raise
         finally:
             self.stop.uninstall()
@@ -452,10 +453,7 @@ class Trainer:
         return pics
 
     def export(self) -> Path:
-        models = {"student": self.task.student}
-        if self.task.teacher is not None:
-            models["teacher"] = self.task.teacher
-        return self.ckpt.export_consolidated(self.run_dir / "export" / "model.safetensors", models)
+        return self.ckpt.export_consolidated(self.run_dir / "export" / "model.safetensors", self._models())
 
 
 def _mean_over_ranks(terms: dict[str, float], device: torch.device) -> dict[str, float]:

@@ -15,7 +15,8 @@
 One DCP checkpoint per step folder holds every model, the optimizer and trainer counters; it
 reshards onto any world size. Per-rank data-loader and RNG state sit beside it as JSON. Saves are
 atomic (`step_<N>.tmp/` renamed after every rank finished), discovery skips and reports broken
-folders, and loading never unpickles anything beyond DCP's own metadata classes.
+folders, and loading never unpickles anything beyond DCP's own metadata classes. DeepSpeed ZeRO
+engines get the same name-keyed layout through the adapters in `tgdp.checkpoint.zero_state`.
 
 Official CAV-MAE / TG-DP weight files (another format) are handled by tgdp/models/interop.py.
 """

@@ -9,23 +9,26 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from tgdp.checkpoint.files import fsync_file
+from tgdp.checkpoint.stateful import ModelState
 
 
-def gather_full_state_dicts(models: Mapping[str, nn.Module], rank: int) -> dict[str, torch.Tensor]:
-    """`{"<name>.<param>": full CPU tensor}` on rank 0, `{}` elsewhere. Collective: each model is
-    all-gathered (full_state_dict) and offloaded to rank 0's CPU only (cpu_offload), so no rank
-    ever holds a full copy on the accelerator and ranks > 0 hold nothing."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+def gather_full_state_dicts(models: Mapping[str, Any], rank: int) -> dict[str, torch.Tensor]:
+    """`{"<name>.<param>": full CPU tensor}` on rank 0, `{}` elsewhere. Collective.
+
+    models: bare modules (wrapped as `ModelState`) or model adapters with `full_state_dict()`:
+    `ModelState` all-gathers (full_state_dict) and offloads to rank 0's CPU only (cpu_offload), so
+    no rank ever holds a full copy on the accelerator and ranks > 0 hold nothing;
+    `ZeroModelState` (ZeRO engines) gathers DeepSpeed's fp32 masters and ZeRO-3 partitions."""
     tensors: dict[str, torch.Tensor] = {}
     for name in sorted(models):  # the gathers are collectives: same order on every rank
-        state = get_model_state_dict(models[name], options=options)
+        model = models[name]
+        state = (ModelState(model) if isinstance(model, nn.Module) else model).full_state_dict()
         if rank == 0:
             tensors.update({f"{name}.{key}": value for key, value in state.items()})
     return tensors

@@ -227,12 +227,13 @@ class CheckpointManager:
             f"{cleanup}; earlier checkpoints in {self.root} are untouched") from err
 
     # ------------------------------------------------------------------ export
-    def export_consolidated(self, path: str | os.PathLike, models: Mapping[str, nn.Module],
+    def export_consolidated(self, path: str | os.PathLike, models: Mapping[str, Any],
                             metadata: Mapping[str, str] | None = None) -> Path:
         """One safetensors file with every model's FULL state dict, keys `<name>.<param>` (e.g.
-        `student.blocks_u.0.attn.qkv.weight`, `teacher....`). Collective: each model is gathered
-        to rank 0's CPU (full_state_dict + cpu_offload, so other ranks hold nothing), rank 0 writes
-        `path` atomically (tmp + fsync + rename); a failure raises on every rank."""
+        `student.blocks_u.0.attn.qkv.weight`, `teacher....`). `models`: modules or model adapters
+        (`ModelState`, `ZeroModelState`). Collective: each model is gathered to rank 0's CPU
+        (`full_state_dict()`), rank 0 writes `path` atomically (tmp + fsync + rename); a failure
+        raises on every rank."""
         path = Path(path)
         tensors = gather_full_state_dicts(models, self.rank)
         err = None
@@ -386,7 +387,8 @@ def _check_type(name: str, value: Any) -> None:
 
 
 def _save_view(name: str, value: Any) -> Any:
-    """What DCP writes for one app-state entry (state dicts taken here, before any collective)."""
+    """What DCP writes for one app-state entry (state dicts taken here, before DCP's collectives;
+    ZeRO adapters gather full tensors here, a collective of their own)."""
     _check_type(name, value)
     if isinstance(value, nn.Module):
         return ModelState(value).state_dict()
@@ -401,12 +403,11 @@ def _load_view(name: str, value: Any) -> Any:
     return ModelState(value) if isinstance(value, nn.Module) else value
 
 
-def _models(app_state: Mapping[str, Any]) -> dict[str, nn.Module]:
-    """The app-state entries that are models (bare modules or ModelState), for the export."""
+def _models(app_state: Mapping[str, Any]) -> dict[str, Any]:
+    """The app-state entries that are models (bare modules, ModelState, or any model adapter with
+    `full_state_dict()`, such as ZeroModelState), for the export."""
     out = {}
     for name, value in app_state.items():
-        if isinstance(value, nn.Module):
+        if isinstance(value, nn.Module) or callable(getattr(value, "full_state_dict", None)):
             out[name] = value
-        elif isinstance(value, ModelState):
-            out[name] = value.model
     return out

@@ -37,6 +37,12 @@ class ModelState:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         set_model_state_dict(self.model, state_dict, options=self.options)
 
+    def full_state_dict(self) -> dict[str, Any]:
+        """Every tensor FULL on rank 0's CPU, {} on the other ranks (the export). Collective: all-gathered
+        (full_state_dict) and offloaded to rank 0 only (cpu_offload), so no rank holds a full copy on
+        the accelerator. Every model adapter has this method (ZeroModelState too)."""
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
 
 class OptimizerState:
     """An optimizer as a DCP `Stateful`; needs its model to name the parameters."""

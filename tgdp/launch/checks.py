@@ -29,7 +29,6 @@ from tgdp.checkpoint.layout import parse_step
 from tgdp.config import ConfigError
 from tgdp.data import format as F
 from tgdp.data import sampling as S
-from tgdp.parallel.config import ZERO_BACKENDS
 from tgdp.trainer import TrainConfig
 
 
@@ -53,11 +52,9 @@ class Shape:
         return range(node * self.procs_per_node, (node + 1) * self.procs_per_node)
 
 
-def check_launch(cfg: TrainConfig, shape: Shape, *, requeue: bool = True,
-                 resumes_from_periodic: bool = False) -> list[str]:
+def check_launch(cfg: TrainConfig, shape: Shape, *, resumes_from_periodic: bool = False) -> list[str]:
     """Raise LaunchError listing every problem; return a short summary of what will run.
 
-    requeue: the launcher requeues on time-out / preemption, so the backend must checkpoint.
     resumes_from_periodic: the launcher saves nothing at the signal (submitit calls checkpoint()
         and exits at once), so periodic checkpoints are the only resume points.
     """
@@ -89,9 +86,6 @@ def check_launch(cfg: TrainConfig, shape: Shape, *, requeue: bool = True,
         if shape.world_size % group:
             problems.append(f"parallel.shard_group_size={group} does not divide the world size {shape.world_size}: "
                             f"use a divisor such as the processes per node ({shape.procs_per_node}), or 0 (= per node)")
-    if requeue and p.backend in ZERO_BACKENDS:
-        problems.append(f"parallel.backend={p.backend} cannot checkpoint yet, so every requeue would start the run "
-                        "over: use parallel.backend=fsdp2 / hsdp / ddp for jobs that may be preempted or time out")
     if resumes_from_periodic and not (cfg.checkpoint.every_steps or cfg.checkpoint.every_minutes):
         problems.append("checkpoint.every_steps=0 and checkpoint.every_minutes=0: this launcher resumes from the newest "
                         "PERIODIC checkpoint, so a requeued job would start from step 0; set checkpoint.every_minutes "
@@ -161,7 +155,7 @@ def run_finished(run_dir: str | Path) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = ("usage: python -m tgdp.launch.checks check --nodes N --procs-per-node G [--no-requeue] -- TRAIN_ARGS\n"
+    usage = ("usage: python -m tgdp.launch.checks check --nodes N --procs-per-node G -- TRAIN_ARGS\n"
              "       python -m tgdp.launch.checks finished RUN_DIR | -- TRAIN_ARGS")
     import argparse
 
@@ -179,11 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tgdp.launch.checks check")
     parser.add_argument("--nodes", type=int, required=True)
     parser.add_argument("--procs-per-node", type=int, required=True)
-    parser.add_argument("--no-requeue", action="store_true")
     args = parser.parse_args(argv[1:split])
     cfg = parse_args(argv[split + 1:])  # exits 2 naming the field when the config itself is bad
     try:
-        summary = check_launch(cfg, Shape(args.nodes, args.procs_per_node), requeue=not args.no_requeue)
+        summary = check_launch(cfg, Shape(args.nodes, args.procs_per_node))
     except LaunchError as exc:
         print(f"tgdp launch check: {exc}", file=sys.stderr)
         return 2

@@ -237,8 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     train_cfg = parse_args(train_argv)  # exits 2 naming the field when the config itself is bad
     try:
         cfg.validate()
-        summary = check_launch(train_cfg, Shape(cfg.nodes, cfg.ranks_per_node), requeue=cfg.max_requeues > 0,
-                               resumes_from_periodic=True)
+        summary = check_launch(train_cfg, Shape(cfg.nodes, cfg.ranks_per_node), resumes_from_periodic=True)
     except LaunchError as exc:
         print(f"tgdp.launch: {exc}", file=sys.stderr)
         return 2

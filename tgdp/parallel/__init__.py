@@ -1,4 +1,5 @@
-"""tgdp.parallel: the ONLY place that knows DDP, FSDP2 / HSDP and DeepSpeed ZeRO.
+"""tgdp.parallel: the ONLY place that knows DDP, FSDP2 / HSDP and DeepSpeed ZeRO (besides
+tgdp.checkpoint.zero_state, which reads and writes ZeRO state for checkpoints).
 
     env = init_distributed()                                   # torchrun / accelerate / submitit env
     teacher = copy.deepcopy(student)                           # BEFORE sharding: equal start

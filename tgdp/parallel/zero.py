@@ -143,11 +143,26 @@ def release_zero3(module: nn.Module) -> None:
         p.partition()
 
 
+def has_fp32_master(p: torch.Tensor) -> bool:
+    """Whether DeepSpeed keeps an fp32 master (and optimizer state) for `p`: exactly the parameters
+    its optimizer was given (tgdp.optim leaves out frozen and never-used ones). Same on every rank.
+
+    ZeRO-1/2 link `_hp_mapping` to those only; ZeRO-3 sets `_z3_optimizer` on EVERY module parameter,
+    so there the optimizer's own groups are asked (a never-used parameter has no master to read).
+    """
+    if not p.requires_grad:
+        return False
+    if hasattr(p, "_hp_mapping"):
+        return True
+    z3 = getattr(p, "_z3_optimizer", None)
+    return z3 is not None and any(p is q for group in z3.fp16_groups for q in group)
+
+
 def local_fp32_partition(p: torch.Tensor) -> Optional[torch.Tensor]:
     """The fp32 master partition of a trainable ZeRO-3 param (aligned with `p.ds_tensor`), or None."""
     from deepspeed.utils import safe_get_local_fp32_param
 
-    if not p.requires_grad or getattr(p, "_z3_optimizer", None) is None:
+    if not is_zero3_param(p) or not has_fp32_master(p):
         return None
     return safe_get_local_fp32_param(p)
 
@@ -156,8 +171,6 @@ def full_fp32(p: torch.Tensor) -> Optional[torch.Tensor]:
     """The full fp32 master copy of a ZeRO-trained param (a collective), or None if it has none."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    if not p.requires_grad:
-        return None
-    if not (hasattr(p, "_hp_mapping") or getattr(p, "_z3_optimizer", None) is not None):
+    if not has_fp32_master(p):
         return None
     return safe_get_full_fp32_param(p)
