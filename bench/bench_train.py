@@ -132,6 +132,9 @@ def save_log(args: argparse.Namespace, name: str, text: str) -> Path:
 def run_trainer(preset: str, backend: str, nproc: int, shards: Path, run_dir: Path, plan: tuple[int, int, int],
                 peaks: dict[int, float], args: argparse.Namespace) -> Row:
     steps, warmup, batch = plan
+    for item in args.override:  # an explicit data.batch_size override wins (the last one, as in the trainer)
+        if item.startswith("data.batch_size="):
+            batch = int(item.split("=", 1)[1])
     world = 1 if backend == "none" else nproc
     launch = [sys.executable] if backend == "none" else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(free_port())]

@@ -45,8 +45,7 @@ python3 -c "import torch, deepspeed, omegaconf, webdataset; print('torch', torch
 'deepspeed', deepspeed.__version__, torch.cuda.get_device_name(0))" 2>&1 | grep -v Warning | tee -a "$OUT/gpu.txt"
 
 VARIANTS=(--variant parallel.backend=none --variant 'parallel.backend=none data.batch_size=128'
-          --variant parallel.backend=fsdp2 --variant 'parallel.backend=none parallel.compile=true'
-          --variant 'parallel.backend=none parallel.compile=true parallel.compile_mode=reduce-overhead')
+          --variant 'parallel.backend=none data.batch_size=128 parallel.compile=true' --variant parallel.backend=fsdp2)
 [ -n "${PROFILE_VARIANTS:-}" ] && IFS=';' read -r -a V <<< "$PROFILE_VARIANTS" && VARIANTS=() \
   && for v in "${V[@]}"; do VARIANTS+=(--variant "$v"); done
 stage profile 300 python3 bench/profile_step.py --shards .gpu/shards --preset base --device cuda --batch 64 \

@@ -450,6 +450,14 @@ def test_compile_with_zero_is_refused() -> None:
         ParallelConfig(backend="zero3", compile=True).validate()
 
 
+def test_cuda_graph_compile_modes_are_refused() -> None:
+    """Per-block CUDA graphs overwrite activations a block's earlier replay saved (seen on an H200)."""
+    ParallelConfig(compile=True, compile_mode="max-autotune-no-cudagraphs").validate()
+    for mode in ("reduce-overhead", "max-autotune"):
+        with pytest.raises(ConfigError, match="parallel.compile_mode"):
+            ParallelConfig(compile=True, compile_mode=mode).validate()
+
+
 def test_deepspeed_json_is_checked(tmp_path: Path) -> None:
     """Typos DeepSpeed would ignore, precision set twice, or the wrong stage are refused."""
     def cfg_for(content: dict, backend: str = "zero3") -> ParallelConfig:
@@ -458,7 +466,8 @@ def test_deepspeed_json_is_checked(tmp_path: Path) -> None:
         return ParallelConfig(backend=backend, deepspeed_config=str(path))
 
     ok = load_deepspeed_config(cfg_for({"_comment": "docs", "zero_optimization": {"stage": 3}}))
-    assert ok["gradient_clipping"] == 0.0 and ok["bf16"] == {"enabled": True} and "_comment" not in ok
+    assert ok["gradient_clipping"] == 0.0 and ok["bf16"] == {"enabled": True, "check_grad_overflow": True}
+    assert "_comment" not in ok
     assert ok["communication_data_type"] == "fp32"
     with pytest.raises(ConfigError, match="zero_optimisation"):
         load_deepspeed_config(cfg_for({"zero_optimisation": {"stage": 3}, "zero_optimization": {"stage": 3}}))

@@ -256,7 +256,8 @@ class ZeroOptimizerState:
 
 class ZeroEngineState:
     """The DeepSpeed engine's counters (`global_steps`, `global_samples`, `skipped_steps`,
-    `micro_steps`; the last decides gradient-accumulation boundaries) as a DCP Stateful."""
+    `micro_steps`) as a DCP Stateful. The trainer sets the accumulation boundary itself
+    (`tgdp.parallel.backward`), so `micro_steps` is bookkeeping, restored for completeness."""
 
     def __init__(self, engine: Any):
         self.engine = engine

@@ -21,7 +21,11 @@ MIXED_PRECISIONS = ("bf16", "fp32")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+# inductor modes that work with per-block compilation. The CUDA-graph modes (reduce-overhead,
+# max-autotune) do not: a block's graph replays several times per step (modalities, passes) and
+# CUDA graphs hand every replay the same output memory, so a saved activation is overwritten
+# ("accessing tensor output of CUDAGraphs that has been overwritten", measured on an H200).
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -44,8 +48,8 @@ class ParallelConfig:
     # torch.compile backend: inductor (generated kernels; the point of compiling) or aot_eager
     # (traces forward + backward but runs eager kernels: a cheap check that blocks compile).
     compile_backend: str = "inductor"
-    # inductor's mode: default | reduce-overhead (CUDA graphs: the host no longer launches each
-    # kernel) | max-autotune-no-cudagraphs | max-autotune. Ignored by the other backends.
+    # inductor's mode: default | max-autotune-no-cudagraphs (see COMPILE_MODES for why not the
+    # CUDA-graph modes). Ignored by the other backends.
     compile_mode: str = "default"
     # Student blocks: free the gathered parameters after forward (True = least memory, one more
     # all-gather in backward; False = ZeRO-2-like, fastest when memory allows). The teacher always
