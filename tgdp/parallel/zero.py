@@ -155,7 +155,13 @@ def has_fp32_master(p: torch.Tensor) -> bool:
     if hasattr(p, "_hp_mapping"):
         return True
     z3 = getattr(p, "_z3_optimizer", None)
-    return z3 is not None and any(p is q for group in z3.fp16_groups for q in group)
+    if z3 is None:
+        return False
+    ids = getattr(z3, "_tgdp_master_ids", None)
+    if ids is None:  # once per optimizer: the EMA asks for every parameter at every step
+        ids = frozenset(id(q) for group in z3.fp16_groups for q in group)
+        z3._tgdp_master_ids = ids
+    return id(p) in ids
 
 
 def local_fp32_partition(p: torch.Tensor) -> Optional[torch.Tensor]:
