@@ -103,6 +103,12 @@ def test_two_ranks_sigterm_resume_is_bitwise_exact(train_shards, tmp_path, backe
     assert f"resumed from {resumed / 'checkpoints' / saved[0].name}".replace(saved[0].name, "step_") in one.stderr \
         or "resumed from" in one.stderr
     assert read_metrics(resumed / "metrics.jsonl")[-1]["step"] == steps + 3
+    if backend == "fsdp2":  # ... and that checkpoint (no DeepSpeed engine in it) continues under ZeRO-2
+        zero = finish(torchrun(common(train_shards, steps + 5) + ["--run-dir", str(resumed), "parallel.backend=zero2"],
+                               free_port()))
+        assert "written without a DeepSpeed engine" in zero and "resumed from" in zero, zero
+        tail = read_metrics(resumed / "metrics.jsonl")[-2:]
+        assert [r["step"] for r in tail] == [steps + 4, steps + 5] and all(r["train/step_applied"] == 1 for r in tail)
 
 
 def _children(pid: int) -> list[int]:

@@ -254,6 +254,12 @@ class Trainer:
             return False
         self._check_resume_config(latest)
         state = self.app_state()
+        if "engine" in state and "engine" not in self.ckpt.saved_entries(latest):
+            # Written by a DDP / FSDP2 / none run: same names and layouts for weights and AdamW,
+            # only DeepSpeed's own counters are absent (they restart; the trainer's step does not).
+            del state["engine"]
+            log.warning("%s was written without a DeepSpeed engine (backend changed on resume): weights, "
+                        "teacher and AdamW state load by name; DeepSpeed's step counters restart", latest.name)
         result = self.ckpt.load(latest, state)
         self.step = int(state["trainer"]["step"])
         self.nonfinite_streak = int(state["trainer"]["nonfinite_streak"])

@@ -334,14 +334,20 @@ class CheckpointManager:
                           rank0_state=None if rank0 is None else rank0["state"], rng_restored=rng_restored,
                           notes=notes)
 
+    @staticmethod
+    def saved_entries(path: str | os.PathLike) -> set[str]:
+        """The top-level app-state names a checkpoint holds ("student", "optim", ...), read from its
+        DCP metadata through the restricted unpickler (so a caller can leave out what is absent)."""
+        md = read_dcp_metadata(Path(path))  # restricted unpickler: refuses tampered metadata before DCP sees it
+        planner_data = md.planner_data if isinstance(md.planner_data, dict) else {}
+        return {v[0] for v in planner_data.values() if isinstance(v, tuple) and v} or \
+            {fqn.split(".", 1)[0] for fqn in md.state_dict_metadata}
+
     def _validate(self, path: Path, app_state: Mapping[str, Any]) -> None:
         reason = L.incompleteness(path)
         if reason is not None:
             raise CheckpointError(f"{path} is not a complete checkpoint: {reason}")
-        md = read_dcp_metadata(path)  # restricted unpickler: refuses tampered metadata before DCP sees it
-        planner_data = md.planner_data if isinstance(md.planner_data, dict) else {}
-        saved = {v[0] for v in planner_data.values() if isinstance(v, tuple) and v} or \
-                {fqn.split(".", 1)[0] for fqn in md.state_dict_metadata}
+        saved = self.saved_entries(path)
         missing = sorted(set(app_state) - saved)
         if missing:
             raise CheckpointError(f"{path} has no {missing}; it holds {sorted(saved)}")
