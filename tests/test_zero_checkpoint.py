@@ -24,7 +24,7 @@ from tgdp.optim import OptimConfig, build_optimizer, param_groups
 from tgdp.parallel import (ParallelConfig, backward, destroy_distributed, ema_update_, gather_full_state_dict,
                            init_distributed, local_pairs, optimizer_step, shard_student, shard_teacher)
 
-pytest.importorskip("deepspeed")
+import deepspeed  # noqa: E402,F401  (a hard dependency: a missing install fails here, never skips)
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
