@@ -12,8 +12,9 @@
 #      (the official recipe) and under bf16 (same precision).
 #   2. bench_train, base, bf16, one GPU: every backend through the real trainer (NCCL group of one
 #      for ddp / fsdp2 / zero2 / zero3), samples/s and MFU vs the bf16 dense peak.
-#   3. tiny preset on CUDA + NCCL per RESUME_BACKENDS (default fsdp2): 10 steps with checkpoints,
-#      then a re-run that resumes.
+#   3. tiny preset on CUDA + NCCL per RESUME_BACKENDS (default fsdp2 zero2 zero3): 10 steps with
+#      checkpoints, then a re-run that resumes.
+#   3b. loader_long: batch 128 for 120 steps (is the loader the limit in steady state?).
 #   4. bench_train fsdp2 with parallel.compile=true (torch.compile per block), if time is left.
 #   0. (first) bench/profile_step.py: the trainer's step without the loader, per variant
 #      (PROFILE_VARIANTS='a=1 b=2;c=3' replaces the list): device-busy %, kernel time by kind, memory.
@@ -56,7 +57,7 @@ stage train 240 python3 bench/bench_train.py --device cuda --dtype bf16 --preset
   --warmup 10 --log-dir "$OUT" --override data.num_workers=12 ${TRAIN_OVERRIDES:-}
 # Checkpoint + resume on CUDA, bf16, NCCL, per backend in RESUME_BACKENDS (fsdp2 by default): 10
 # steps with a checkpoint every 5, then the same command with --steps 20 resumes from step 10.
-for backend in ${RESUME_BACKENDS:-fsdp2}; do
+for backend in ${RESUME_BACKENDS:-fsdp2 zero2 zero3}; do
   RUN=/tmp/tgdp_gpu_resume_$backend
   rm -rf "$RUN"
   RESUME=(python3 -m torch.distributed.run --nproc_per_node 1 --master_port 29533 tgdp/train.py --config tiny
@@ -67,6 +68,10 @@ for backend in ${RESUME_BACKENDS:-fsdp2}; do
   ls "$RUN/checkpoints" > "$OUT/resume_checkpoints_$backend.txt" 2>&1
   cp "$RUN/metrics.jsonl" "$OUT/resume_metrics_$backend.jsonl" 2>/dev/null
 done
+# The loader at batch 128 over a longer run (the 30-step runs are dominated by worker start-up).
+stage loader_long 150 python3 bench/bench_train.py --device cuda --dtype bf16 --presets base --nproc 1 \
+  --backends none --shards .gpu/shards --no-memory --steps 120 --warmup 30 --batch 128 --log-dir "$OUT" \
+  --override data.num_workers=14 --override data.samples_per_epoch=100000
 stage step_bf16 80 python3 bench/bench_step.py --device cuda --dtype bf16 --naive-dtype bf16 --batch 64 --repeats 10
 stage compile 150 python3 bench/bench_train.py --device cuda --dtype bf16 --presets base --nproc 1 \
   --backends fsdp2 --shards .gpu/shards --no-memory --steps 30 --warmup 10 --log-dir "$OUT" \
@@ -74,6 +79,6 @@ stage compile 150 python3 bench/bench_train.py --device cuda --dtype bf16 --pres
 
 echo "== summary ($(( SECONDS - START ))s)"
 for f in step_fp16 step_bf16; do grep -E "^model=|speed-up|achieved|step time|loss " "$OUT/$f.log"; done
-grep -E "^\| base|MFU peak|FAILED" "$OUT/train.log" "$OUT/compile.log"
+grep -E "^\| base|MFU peak|FAILED" "$OUT/train.log" "$OUT/compile.log" "$OUT/loader_long.log"
 for f in "$OUT"/resume_checkpoints_*.txt; do [ -f "$f" ] && echo "$f:" && cat "$f"; done
 for f in "$OUT"/resume_b_*.log; do [ -f "$f" ] && tail -3 "$f"; done
