@@ -24,7 +24,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 import torchvision.transforms as T  # noqa: E402
@@ -32,7 +31,7 @@ from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from tgdp.data import audio as A  # noqa: E402
-from tgdp.data.format import decode_fbank, read_index  # noqa: E402
+from tgdp.data.format import read_index  # noqa: E402
 from tgdp.data.loader import DataConfig, ShardLoader  # noqa: E402
 from tgdp.data.shards.config import ShardingConfig  # noqa: E402
 from tgdp.data.shards.extract import decode_video  # noqa: E402

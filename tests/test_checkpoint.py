@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
+from tests.dist_tools import end_worker
 from tgdp.checkpoint import (
     CheckpointConfig,
     CheckpointError,
@@ -152,6 +153,7 @@ def _two_rank_worker(rank: int, root: str) -> None:
     torch.set_num_threads(1)
     tmp = Path(root)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD, timeout=TIMEOUT)
+    passed = False
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
         torch.manual_seed(123)  # NOT the checkpoint's init: the loads below must overwrite everything
@@ -214,9 +216,9 @@ def _two_rank_worker(rank: int, root: str) -> None:
         if rank == 0:
             assert_same(b, a, "the step after resume")
         (tmp / f"done_rank{rank}").touch()  # proof for the test that every check above ran
-        dist.barrier()  # no rank tears down gloo while the other may still talk to it
+        passed = True
     finally:
-        dist.destroy_process_group()
+        end_worker(passed)  # a barrier first: no rank tears down gloo while the other may still talk to it
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import tarfile
 import textwrap
-from pathlib import Path
 
 from tests.conftest import REPO, run_tool
 from tests.fault_tools import fill_disk, finish, process_env, small_disk, wait_until

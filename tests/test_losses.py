@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.dist_tools import end_worker
 from tgdp.losses import distillation_loss, gather_with_grad, info_nce, info_nce_local_single_direction
 
 TAU = 0.05
@@ -168,6 +169,7 @@ def _rank_worker(rank: int, out_dir: str) -> None:
     # A file store, not a TCP port: concurrent test runs on one machine can never meet by accident.
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
+    passed = False
     try:
         lin_a, lin_v, x_a, x_v = _model_and_data()
         rows = slice(rank * B, (rank + 1) * B)
@@ -193,8 +195,9 @@ def _rank_worker(rank: int, out_dir: str) -> None:
         torch.save({"mean_stats": stats / WORLD, "local_stats": local_stats, "param_grads": grads,
                     "emb_a_grad": emb_a.grad, "emb_v_grad": emb_v.grad, "gathered_v": gathered_v,
                     "mismatch": mismatch}, Path(out_dir) / f"rank{rank}.pt")
+        passed = True
     finally:
-        dist.destroy_process_group()
+        end_worker(passed)
 
 
 @pytest.mark.timeout(180)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import av
 import numpy as np
-import pytest
 import soundfile as sf
 import torch
 import webdataset as wds

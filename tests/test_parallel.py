@@ -11,7 +11,6 @@ import copy
 import faulthandler
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,10 +19,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
+from tests.dist_tools import end_worker
 from tgdp.config import ConfigError, load_config
 from tgdp.models.cavmae import CAVMAE
 from tgdp.models.config import ModelConfig
-from tgdp.parallel import (ParallelConfig, ShardingError, backward, destroy_distributed, ema_update_,
+from tgdp.parallel import (ParallelConfig, ShardingError, backward, ema_update_,
                            gather_full_state_dict, gradient_sync, init_distributed, local_pairs, model_state_bytes,
                            optimizer_step,
                            shard_student, shard_teacher, shard_units, verify_sharding)
@@ -100,18 +100,12 @@ def _worker(rank: int, world: int, tmp: str, case: str) -> None:
         env = init_distributed()
     else:
         env = init_distributed(init_method=f"file://{tmp}/store")
-    finished = False
+    passed = False
     try:
         CASES[case](env)
-        finished = True
+        passed = True
     finally:
-        destroy_distributed(wait_for_peers=finished)
-    # Skip the interpreter's teardown: under load, a rank's gloo transport threads were twice
-    # destroyed while joinable there ('terminate called without an active exception', SIGABRT
-    # after every assertion had passed); everything this worker had to check is checked.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+        end_worker(passed)
 
 
 def _trained(model: CAVMAE) -> set[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import faulthandler
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +16,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from tests.dist_tools import end_worker
 from tests.test_parallel import MOMENTUM, step_loss, tiny_model
 from tgdp.checkpoint import CheckpointConfig, CheckpointManager, OptimizerState
 from tgdp.checkpoint.zero_state import ZeroEngineState, ZeroModelState, ZeroOptimizerState
 from tgdp.optim import OptimConfig, build_optimizer, param_groups
-from tgdp.parallel import (ParallelConfig, backward, destroy_distributed, ema_update_, gather_full_state_dict,
+from tgdp.parallel import (ParallelConfig, backward, ema_update_, gather_full_state_dict,
                            init_distributed, local_pairs, optimizer_step, shard_student, shard_teacher)
 
 import deepspeed  # noqa: E402,F401  (a hard dependency: a missing install fails here, never skips)
@@ -85,13 +85,6 @@ def _start(rank: int, world: int, tmp: str):
     return init_distributed(init_method=f"file://{tmp}/store_{world}")
 
 
-def _exit() -> None:
-    """After a passed worker, as tests/test_parallel.py: skip the interpreter teardown (gloo threads
-    were seen aborting there under load); a failed one raises instead, so mp.spawn reports it."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
 
 def _two_rank_worker(rank: int, tmp: str, stage: int) -> None:
     env = _start(rank, WORLD, tmp)
@@ -150,8 +143,7 @@ def _two_rank_worker(rank: int, tmp: str, stage: int) -> None:
         (root / f"done_two_zero{stage}_rank{rank}").touch()
         finished = True
     finally:
-        destroy_distributed(wait_for_peers=finished)
-    _exit()
+        end_worker(finished)
 
 
 def _one_process_worker(rank: int, tmp: str, stage: int) -> None:
@@ -187,8 +179,7 @@ def _one_process_worker(rank: int, tmp: str, stage: int) -> None:
         (root / f"done_one_zero{stage}").touch()
         finished = True
     finally:
-        destroy_distributed(wait_for_peers=finished)
-    _exit()
+        end_worker(finished)
 
 
 # ---------------------------------------------------------------------------------------------- tests
