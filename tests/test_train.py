@@ -37,6 +37,12 @@ def torchrun(args: list[str], port: int) -> subprocess.Popen:
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def train_one_process(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m tgdp.train ARGS` in one process (no launcher), output captured."""
+    return subprocess.run([sys.executable, "-m", "tgdp.train", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
     out, _ = proc.communicate(timeout=timeout)
     return out
@@ -96,9 +102,7 @@ def test_two_ranks_sigterm_resume_is_bitwise_exact(train_shards, tmp_path, backe
     assert losses(straight) == losses(resumed) and len(losses(straight)) == steps
 
     # the 2-rank checkpoint loads on ONE process (model and optimizer reshard; data restarts its layout)
-    one = subprocess.run([sys.executable, "-m", "tgdp.train", *common(train_shards, steps + 3),
-                          "--run-dir", str(resumed), "parallel.backend=none"],
-                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    one = train_one_process(*common(train_shards, steps + 3), "--run-dir", str(resumed), "parallel.backend=none")
     assert one.returncode == 0, one.stdout + one.stderr
     assert f"resumed from {resumed / 'checkpoints' / saved[0].name}".replace(saved[0].name, "step_") in one.stderr \
         or "resumed from" in one.stderr
@@ -120,9 +124,8 @@ def _children(pid: int) -> list[int]:
 def test_tiny_model_learns_on_the_synthetic_corpus(train_shards, tmp_path):
     """Loss goes down and audio-visual matching rises well above chance (1/8 at batch 8)."""
     run = tmp_path / "learn"
-    proc = subprocess.run([sys.executable, "-m", "tgdp.train", *common(train_shards, 240), "--run-dir", str(run),
-                           "parallel.backend=none", "data.batch_size=8"],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = train_one_process(*common(train_shards, 240), "--run-dir", str(run), "parallel.backend=none",
+                             "data.batch_size=8", timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     records = read_metrics(run / "metrics.jsonl")
     assert len(records) == 240
@@ -136,18 +139,16 @@ def test_tiny_model_learns_on_the_synthetic_corpus(train_shards, tmp_path):
 
 def test_nonfinite_steps_are_skipped_then_stop_cleanly(train_shards, tmp_path):
     run = tmp_path / "nan"
-    args = [sys.executable, "-m", "tgdp.train", *common(train_shards, 8), "--run-dir", str(run),
-            "parallel.backend=none", "inject_nonfinite_steps=[3]"]
-    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = train_one_process(*common(train_shards, 8), "--run-dir", str(run), "parallel.backend=none",
+                             "inject_nonfinite_steps=[3]")
     assert proc.returncode == 0, proc.stderr
     applied = {r["step"]: r["train/step_applied"] for r in read_metrics(run / "metrics.jsonl")}
     assert applied[3] == 0.0 and all(v == 1.0 for s, v in applied.items() if s != 3)
     assert "non-finite loss or gradient, update skipped" in proc.stderr
 
     run2 = tmp_path / "nan_stop"
-    args = [sys.executable, "-m", "tgdp.train", *common(train_shards, 10), "--run-dir", str(run2),
-            "parallel.backend=none", "inject_nonfinite_steps=[5,6,7]", "max_nonfinite_steps=3"]
-    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = train_one_process(*common(train_shards, 10), "--run-dir", str(run2), "parallel.backend=none",
+                             "inject_nonfinite_steps=[5,6,7]", "max_nonfinite_steps=3")
     assert proc.returncode == 3, proc.stderr
     assert "3 consecutive steps with non-finite" in proc.stderr
     # the checkpoint holds the last good state: 6 steps counted, the updates of 5 and 6 never applied
@@ -176,26 +177,22 @@ def test_zero_skips_a_nonfinite_step_and_drops_its_partial_gradients(train_shard
 
 def test_resume_refuses_an_incompatible_config_and_notes_harmless_changes(train_shards, tmp_path):
     run = tmp_path / "cfg"
-    base = [sys.executable, "-m", "tgdp.train", *common(train_shards, 2), "--run-dir", str(run),
-            "parallel.backend=none", "checkpoint.every_steps=1"]
-    first = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=600)
+    base = [*common(train_shards, 2), "--run-dir", str(run), "parallel.backend=none", "checkpoint.every_steps=1"]
+    first = train_one_process(*base)
     assert first.returncode == 0, first.stderr
-    clash = subprocess.run(base + ["--steps", "3", "task.mode=dual"], cwd=REPO, capture_output=True, text=True,
-                           timeout=600)
+    clash = train_one_process(*base, "--steps", "3", "task.mode=dual")
     assert clash.returncode == 2, clash.stderr
     assert "cannot resume" in clash.stderr and "task.mode: checkpoint 'tgdp', now 'dual'" in clash.stderr
     assert max(r["step"] for r in read_metrics(run / "metrics.jsonl")) == 2  # nothing trained under it
-    fine = subprocess.run(base + ["--steps", "3", "logging.log_every=2"], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+    fine = train_one_process(*base, "--steps", "3", "logging.log_every=2")
     assert fine.returncode == 0, fine.stderr
     assert "resuming step_00000002 with changed settings" in fine.stderr and "logging.log_every=1->2" in fine.stderr
     assert "resumed from" in fine.stderr
 
 
 def test_bad_config_stops_before_any_work(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "tgdp.train", "--config", "tiny", "--run-dir", str(tmp_path / "r"),
-                           "data.shards=/nonexistent", "model.audio_frames=96"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = train_one_process("--config", "tiny", "--run-dir", str(tmp_path / "r"), "data.shards=/nonexistent",
+                             "model.audio_frames=96", timeout=120)
     assert proc.returncode == 2 and "data.audio_frames" in proc.stderr and "model.audio_frames" in proc.stderr
     assert not (tmp_path / "r").exists()
 
