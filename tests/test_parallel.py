@@ -468,6 +468,8 @@ def test_deepspeed_json_is_checked(tmp_path: Path) -> None:
         load_deepspeed_config(cfg_for({"bf16": {"enabled": True}, "zero_optimization": {"stage": 3}}))
     with pytest.raises(ConfigError, match="stage"):
         load_deepspeed_config(cfg_for({"zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError, match="offload_optimizer.device.*nvme"):
+        load_deepspeed_config(cfg_for({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}}))
 
 
 def test_shipped_configs_parse() -> None:

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from tgdp.config import ConfigError
 from tgdp.models.interop import CheckpointError
 from tgdp.parallel import zero
 from tgdp.parallel.wrap import placement, unwrap
@@ -181,7 +182,8 @@ class ZeroOptimizerState:
         if not isinstance(self.inner, torch.optim.Adam):  # AdamW subclasses Adam
             raise TypeError(f"ZeRO checkpoints support torch's Adam / AdamW, not {type(self.inner).__name__}")
         if getattr(self.zopt, "swap_optimizer", False):
-            raise NotImplementedError("ZeRO checkpoints do not support NVMe optimizer offload")
+            raise ConfigError("ZeRO checkpoints cannot read NVMe-swapped optimizer state; offload it to 'cpu' "
+                              "(tgdp.parallel.zero.load_deepspeed_config refuses nvme for trainer runs)")
         self.stage = engine.zero_optimization_stage()
         self.groups = _zero_groups(engine)
 

@@ -60,6 +60,11 @@ def load_deepspeed_config(cfg: ParallelConfig, overrides: Optional[dict[str, Any
     set_precision = [k for k in PRECISION_KEYS if k in ds]
     if set_precision:
         raise ConfigError(f"{path}: remove {set_precision}; precision comes from parallel.mixed_precision")
+    nvme = [f"zero_optimization.{k}.device" for k in ("offload_optimizer", "offload_param")
+            if str(ds.get("zero_optimization", {}).get(k, {}).get("device", "")).lower() == "nvme"]
+    if nvme:  # tgdp.checkpoint.zero_state reads optimizer state from memory; swapped-out state it cannot
+        raise ConfigError(f"{path}: {nvme} = nvme: tgdp's ZeRO checkpoints cannot read NVMe-swapped state; "
+                          "offload to 'cpu' (or not at all)")
     stage = ds.get("zero_optimization", {}).get("stage")
     want = {"zero2": 2, "zero3": 3}[cfg.backend]
     if stage != want:
