@@ -74,13 +74,17 @@ def gemm_flops_per_s(m: int, k: int, n: int, dtype: torch.dtype, device: torch.d
 
 
 def make_steps(task: TGDPTask, audio: torch.Tensor, frames: torch.Tensor, autocast,
-               naive_autocast) -> dict[str, Callable[[], float]]:
-    """Closures running forward + backward of one step; each returns the step's loss."""
+               naive_autocast, ours_stream: bool) -> dict[str, Callable[[], float]]:
+    """Closures running forward + backward of one step; each returns the step's loss.
+
+    ours_stream: our passes keep the token stream in bf16 under bf16 autocast (the trainer's
+    default, `parallel.bf16_stream`); the naive side always runs the official fp32 stream."""
     cfg = task.cfg
 
     def ours_with(pack: bool) -> Callable[[], float]:
         def step() -> float:
             task.cfg.pack_passes = pack
+            set_stream(ours_stream)
             try:
                 with autocast():
                     out = task(audio, frames, step=0)
@@ -93,7 +97,12 @@ def make_steps(task: TGDPTask, audio: torch.Tensor, frames: torch.Tensor, autoca
 
     cfg_pack = cfg.pack_passes
 
+    def set_stream(bf16: bool) -> None:
+        for model in (task.student, task.teacher):
+            model.bf16_stream = bf16
+
     def naive() -> float:
+        set_stream(False)  # the official recipe: fp32 LayerNorms and residual stream under autocast
         with naive_autocast():
             r = official_style_passes(task.student, task.teacher, audio, frames, cfg.recon_mask_ratio,
                                       cfg.contrastive_mask_ratio, seed=cfg.seed, step=0)
@@ -127,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype (fp32 = off)")
     parser.add_argument("--naive-dtype", choices=sorted(DTYPES), default=None,
                         help="autocast dtype of the naive side (default: --dtype); the official code runs fp16")
+    parser.add_argument("--fp32-stream", action="store_true",
+                        help="our side keeps autocast's fp32 LayerNorms / residual stream (parallel.bf16_stream=false)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -152,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
             return torch.autocast(device_type=device.type, dtype=dt)
         return autocast
 
-    steps = make_steps(task, audio, frames, autocast_of(dtype), autocast_of(naive_dtype))
+    steps = make_steps(task, audio, frames, autocast_of(dtype), autocast_of(naive_dtype),
+                       ours_stream=not args.fp32_stream)
     losses = {name: fn() for name, fn in steps.items()}  # warm-up; the losses must agree
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.repeats):  # alternate, so drifts in machine load hit both sides alike
@@ -177,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"model={args.model} task={args.task} batch={B} device={device} ({name}) dtype={args.dtype} "
-          f"naive_dtype={args.naive_dtype or args.dtype} "
+          f"naive_dtype={args.naive_dtype or args.dtype} ours_stream={'fp32' if args.fp32_stream else 'bf16'} "
           f"threads={torch.get_num_threads()} repeats={args.repeats} load1={load:.2f} torch={torch.__version__}")
     print(f"loss          ours {losses['ours']:.6f}  unpacked {losses['unpacked']:.6f}  naive {losses['naive']:.6f}  "
           f"|diff| {abs(losses['ours'] - losses['naive']):.2e}")

@@ -45,8 +45,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 python3 -c "import torch, deepspeed, omegaconf, webdataset; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'deepspeed', deepspeed.__version__, torch.cuda.get_device_name(0))" 2>&1 | grep -v Warning | tee -a "$OUT/gpu.txt"
 
-VARIANTS=(--variant parallel.backend=none --variant 'parallel.backend=none data.batch_size=128'
-          --variant 'parallel.backend=none data.batch_size=128 parallel.compile=true' --variant parallel.backend=fsdp2)
+# The fp32 stream (autocast's LayerNorms, the official recipe) vs the bf16 stream (the default), then
+# whole-pass compilation, then a larger per-GPU batch, then DDP (one rank) for the ratio to DDP.
+NONE128='parallel.backend=none data.batch_size=128'
+PASS='parallel.compile=true parallel.compile_scope=pass'
+VARIANTS=(--variant "$NONE128 parallel.bf16_stream=false" --variant "$NONE128" --variant "$NONE128 $PASS"
+          --variant "parallel.backend=none data.batch_size=256 $PASS" --variant "parallel.backend=ddp data.batch_size=128 $PASS")
 [ -n "${PROFILE_VARIANTS:-}" ] && IFS=';' read -r -a V <<< "$PROFILE_VARIANTS" && VARIANTS=() \
   && for v in "${V[@]}"; do VARIANTS+=(--variant "$v"); done
 stage profile 300 python3 bench/profile_step.py --shards .gpu/shards --preset base --device cuda --batch 64 \

@@ -283,6 +283,7 @@ def _zero_case(env, stage: int) -> None:
     # The next teacher forward sees the updated partitions (not a stale gathered copy): it equals
     # the same computation on a plain model holding the gathered EMA weights, and it changed.
     plain = tiny_model()
+    plain.bf16_stream = teacher.bf16_stream  # the same precision policy (parallel.bf16_stream)
     if env.rank == 0:
         plain.load_state_dict(after)
     for p in plain.parameters():
@@ -449,6 +450,93 @@ def test_cuda_graph_compile_modes_are_refused() -> None:
     for mode in ("reduce-overhead", "max-autotune"):
         with pytest.raises(ConfigError, match="parallel.compile_mode"):
             ParallelConfig(compile=True, compile_mode=mode).validate()
+
+
+def test_pass_compile_needs_a_backend_without_per_block_hooks() -> None:
+    ParallelConfig(backend="ddp", compile=True, compile_scope="pass").validate()
+    for backend in ("fsdp2", "hsdp"):
+        with pytest.raises(ConfigError, match="parallel.compile_scope"):
+            ParallelConfig(backend=backend, compile=True, compile_scope="pass").validate()
+    with pytest.raises(ConfigError, match="parallel.compile_scope"):
+        ParallelConfig(compile_scope="layer").validate()
+
+
+def _single_process_env():
+    from tgdp.parallel import DistEnv
+
+    return DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
+
+
+def test_each_entry_point_compiles_to_one_graph() -> None:
+    """compile_scope=pass: the teacher pass and the student's tokenize / passes / decoder are one
+    dynamo graph each (no graph break anywhere, e.g. in the packed attention or the CLS-column
+    trick), and the step's losses and gradients equal the eager ones."""
+    from torch._dynamo.utils import counters
+
+    from tgdp.task.config import TaskConfig
+    from tgdp.task.task import TGDPTask
+
+    audio, frames = batch(tiny_model(), 0, size=4)
+
+    def train(compile_: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
+        task = TGDPTask(tiny_model(), TaskConfig(), total_steps=10)
+        cfg = ParallelConfig(backend="none", mixed_precision="fp32", compile=compile_, compile_scope="pass",
+                             compile_backend="aot_eager")
+        shard_student(task.student, cfg, _single_process_env())
+        shard_teacher(task.teacher, cfg, _single_process_env())
+        losses = []
+        for step in range(2):
+            out = task(audio, frames, step)
+            out.loss.backward()
+            losses.append(out.loss.item())
+        return losses, {n: p.grad for n, p in task.student.named_parameters() if p.grad is not None}
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager_losses, eager_grads = train(False)
+    compiled_losses, compiled_grads = train(True)
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 4  # teacher_forward, tokenize, encode_dual, forward_decoder
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
+    assert compiled_grads.keys() == eager_grads.keys()
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    torch._dynamo.reset()
+
+
+def test_bf16_stream_runs_every_block_in_bf16() -> None:
+    """parallel.bf16_stream (the default) under bf16 autocast: every block and LayerNorm reads and
+    writes bf16 (autocast alone would run the norms and residual adds in fp32); false restores the
+    fp32 stream. Both give the same features to bf16 accuracy."""
+    seen: set[tuple[str, torch.dtype, torch.dtype]] = set()
+
+    def record(module, inputs, output) -> None:
+        out = output if torch.is_tensor(output) else output[0]
+        seen.add((type(module).__name__, inputs[0].dtype, out.dtype))
+
+    audio, frames = batch(tiny_model(), 0)
+    features = {}
+    for stream in (True, False):
+        model = tiny_model()
+        shard_student(model, ParallelConfig(backend="none", mixed_precision="bf16", bf16_stream=stream),
+                      _single_process_env())
+        assert model.bf16_stream is stream
+        hooked = [m for m in model.modules() if type(m).__name__ in ("Block", "LayerNorm")]
+        handles = [m.register_forward_hook(record) for m in hooked]
+        seen.clear()
+        with torch.no_grad():
+            features[stream] = model.forward_features(audio, frames)
+        for h in handles:
+            h.remove()
+        dtype = torch.bfloat16 if stream else torch.float32
+        assert seen == {("Block", dtype, dtype), ("LayerNorm", dtype, dtype)}, seen
+        assert features[stream].cls_a.dtype == dtype
+    for a, b in zip(features[True][:2], features[False][:2]):
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05)
+    # fp32 runs never see it
+    fp32 = tiny_model()
+    shard_student(fp32, ParallelConfig(backend="none", mixed_precision="fp32"), _single_process_env())
+    assert fp32.bf16_stream is False
 
 
 def test_deepspeed_json_is_checked(tmp_path: Path) -> None:

@@ -255,14 +255,17 @@ def test_deferred_gradient_sync_equals_reducing_every_micro_batch(train_shards, 
 
 
 @pytest.mark.slow
-def test_compiled_blocks_train_like_eager_ones(train_shards, tmp_path):
-    """parallel.compile=true on 2 FSDP2 ranks: every block compiled (dynamo + AOT autograd, through
-    the packed / CLS-only / teacher-column calls) gives the eager losses. aot_eager keeps CI fast;
-    the GPU run in docs/benchmarks.md used inductor."""
+@pytest.mark.parametrize("backend,scope", [("fsdp2", "block"), ("ddp", "pass")])
+def test_compiled_model_trains_like_eager(train_shards, tmp_path, backend, scope):
+    """parallel.compile=true on 2 ranks gives the eager losses: every block compiled under FSDP2
+    (dynamo + AOT autograd, through the packed / CLS-only / teacher-column calls), or every entry
+    point one graph under DDP (compile_scope=pass). aot_eager keeps CI fast; the GPU runs in
+    docs/benchmarks.md used inductor."""
     losses = {}
     for compiled in ("false", "true"):
         run = tmp_path / compiled
         out = finish(torchrun(common(train_shards, 2) + ["--run-dir", str(run), f"parallel.compile={compiled}",
+                                                         f"parallel.backend={backend}", f"parallel.compile_scope={scope}",
                                                          "parallel.compile_backend=aot_eager"], free_port()))
         losses[compiled] = [r["loss"] for r in read_metrics(run / "metrics.jsonl")]
         assert len(losses[compiled]) == 2, out

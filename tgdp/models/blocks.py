@@ -120,6 +120,25 @@ class Attention(nn.Module):
         return self._merge(attn @ v), attn
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm that keeps a bf16 input in bf16 under autocast (same parameters, same keys).
+
+    Autocast runs every LayerNorm in fp32 and returns fp32, which turns a bf16 token stream back
+    into fp32: the residual adds, casts and norms then move twice the bytes, and on a GPU those
+    bandwidth-bound kernels cost as much as the GEMMs (docs/benchmarks.md). With a bf16 input this
+    normalises in bf16 (the kernel still accumulates the statistics in fp32), exactly as the norm
+    does under FSDP2's bf16 compute copies. An fp32 input takes the plain path (fp32 under autocast
+    too), so a model whose stream stays fp32 computes what it always did.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and self.weight.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype),
+                                    None if self.bias is None else self.bias.to(x.dtype), self.eps)
+        return super().forward(x)
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -141,13 +160,13 @@ class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  eps: float = 1e-5) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.norm1_a = nn.LayerNorm(dim, eps=eps)
-        self.norm1_v = nn.LayerNorm(dim, eps=eps)
+        self.norm1 = LayerNorm(dim, eps=eps)
+        self.norm1_a = LayerNorm(dim, eps=eps)
+        self.norm1_v = LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.norm2_a = nn.LayerNorm(dim, eps=eps)
-        self.norm2_v = nn.LayerNorm(dim, eps=eps)
+        self.norm2 = LayerNorm(dim, eps=eps)
+        self.norm2_a = LayerNorm(dim, eps=eps)
+        self.norm2_v = LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def _norms(self, modality: str | None) -> tuple[nn.LayerNorm, nn.LayerNorm]:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from tgdp.models import patches as P
-from tgdp.models.blocks import Block
+from tgdp.models.blocks import Block, LayerNorm
 from tgdp.models.config import ModelConfig
 from tgdp.models.masking import Masking, apply_masking, random_masking, structured_masking
 from tgdp.models.pos_embed import sincos_2d
@@ -70,6 +70,11 @@ class PatchEmbed(nn.Module):
 
 
 class CAVMAE(nn.Module):
+    # The token stream's dtype under bf16 autocast (`stream_dtype`): True keeps it in bf16 from the
+    # patch embedding on (set by tgdp.parallel from `parallel.bf16_stream`); False keeps autocast's
+    # fp32 stream (fp32 LayerNorm outputs and residual adds), the official recipe. A plain
+    # attribute, so checkpoints and state dicts do not see it.
+    bf16_stream: bool = False
     FSDP_FORWARD_METHODS = ("tokenize", "encode_masked", "encode_single_pass", "encode_dual", "forward_decoder",
                             "encode_global", "teacher_forward", "forward_features")
 
@@ -112,13 +117,13 @@ class CAVMAE(nn.Module):
         if cfg.contrastive_heads:  # official (misspelt) key names
             self.constrative_head_audio = nn.ModuleList([block(D, cfg.num_heads) for _ in range(2)])
             self.constrative_head_visual = nn.ModuleList([block(D, cfg.num_heads) for _ in range(2)])
-        self.norm_a = nn.LayerNorm(D, eps=cfg.ln_eps)
-        self.norm_v = nn.LayerNorm(D, eps=cfg.ln_eps)
-        self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
+        self.norm_a = LayerNorm(D, eps=cfg.ln_eps)
+        self.norm_v = LayerNorm(D, eps=cfg.ln_eps)
+        self.norm = LayerNorm(D, eps=cfg.ln_eps)
 
         self.decoder_embed = nn.Linear(D, Dd)
         self.decoder_blocks = nn.ModuleList([block(Dd, cfg.decoder_num_heads) for _ in range(cfg.decoder_depth)])
-        self.decoder_norm = nn.LayerNorm(Dd, eps=cfg.ln_eps)
+        self.decoder_norm = LayerNorm(Dd, eps=cfg.ln_eps)
         self.decoder_pred_a = nn.Linear(Dd, p * p * 1)
         self.decoder_pred_v = nn.Linear(Dd, p * p * cfg.in_chans)
         self.init_weights()
@@ -174,12 +179,25 @@ class CAVMAE(nn.Module):
         return {name for name, _ in self.named_parameters() if self._NEVER_USED.match(name)}
 
     # ------------------------------------------------------------------ shared pieces
+    def stream_dtype(self, device_type: str) -> torch.dtype:
+        """dtype of the token (residual) stream: bf16 under bf16 autocast with `bf16_stream`, else the
+        parameters' (fp32; bf16 when FSDP2 computes with bf16 copies).
+
+        Every place where parameters join the stream (positions, CLS / register / mask tokens) casts
+        them to it: the parameters are fp32, and an fp32 operand would promote the stream back.
+        """
+        if (self.bf16_stream and torch.is_autocast_enabled(device_type)
+                and torch.get_autocast_dtype(device_type) == torch.bfloat16):
+            return torch.bfloat16
+        return self.pos_embed_a.dtype
+
     def tokenize(self, audio: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """audio [B, T, F], frames [B, 3, H, W] -> patch tokens + positions + modality, [B, N_a, D], [B, N_v, D]."""
+        dtype = self.stream_dtype(audio.device.type)
         a = self.patch_embed_a(P.audio_as_image(audio))  # [B, N_a, D], index f_row * (T/p) + t_col
-        a = a + self.pos_embed_a + self.modality_a
+        a = (a + self.pos_embed_a + self.modality_a).to(dtype)  # the sums in fp32, rounded once
         v = self.patch_embed_v(frames)  # [B, N_v, D]
-        v = v + self.pos_embed_v + self.modality_v
+        v = (v + self.pos_embed_v + self.modality_v).to(dtype)
         return a, v
 
     def _add_special_tokens(self, x: torch.Tensor, modality: str) -> torch.Tensor:
@@ -187,12 +205,12 @@ class CAVMAE(nn.Module):
         B = x.shape[0]
         parts = []
         if self.use_cls:
-            parts.append((self.cls_token_a if modality == "a" else self.cls_token_v).expand(B, -1, -1))
+            parts.append((self.cls_token_a if modality == "a" else self.cls_token_v).to(x.dtype).expand(B, -1, -1))
         parts.append(x)
         if self.num_registers > 0:
             R = self.num_registers
             regs = self.register_tokens[:R] if modality == "a" else self.register_tokens[R:]
-            parts.append(regs.unsqueeze(0).expand(B, -1, -1))
+            parts.append(regs.to(x.dtype).unsqueeze(0).expand(B, -1, -1))
         return torch.cat(parts, dim=1)
 
     def _modality_specific(self, a: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,7 +314,7 @@ class CAVMAE(nn.Module):
         """Visible decoder tokens [B, k, Dd] + mask tokens -> original patch order [B, L, Dd]."""
         B, k, Dd = x.shape
         L = masking.ids_restore.shape[1]
-        x = torch.cat([x, self.mask_token.expand(B, L - k, Dd)], dim=1)
+        x = torch.cat([x, self.mask_token.to(x.dtype).expand(B, L - k, Dd)], dim=1)
         return torch.gather(x, 1, masking.ids_restore.unsqueeze(-1).expand(-1, -1, Dd))
 
     def forward_decoder(self, latent: torch.Tensor, mask_a: Masking,
@@ -305,11 +323,11 @@ class CAVMAE(nn.Module):
         n_a = mask_a.len_keep
         if latent.shape[1] != n_a + mask_v.len_keep:
             raise ValueError(f"latent has {latent.shape[1]} tokens, masks keep {n_a} + {mask_v.len_keep}")
-        x = self.decoder_embed(latent)  # [B, n_a + n_v, Dd]
+        x = self.decoder_embed(latent).to(self.stream_dtype(latent.device.type))  # [B, n_a + n_v, Dd]
         x = torch.cat([self._unshuffle(x[:, :n_a], mask_a), self._unshuffle(x[:, n_a:], mask_v)], dim=1)
         position_and_modality = torch.cat([self.decoder_pos_embed_a + self.decoder_modality_a,
                                            self.decoder_pos_embed_v + self.decoder_modality_v], dim=1)
-        x = x + position_and_modality  # [B, N_a + N_v, Dd]
+        x = x + position_and_modality.to(x.dtype)  # [B, N_a + N_v, Dd]
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_norm(x)

@@ -26,6 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # CUDA graphs hand every replay the same output memory, so a saved activation is overwritten
 # ("accessing tensor output of CUDAGraphs that has been overwritten", measured on an H200).
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+COMPILE_SCOPES = ("block", "pass")
 
 
 @dataclass
@@ -41,10 +42,24 @@ class ParallelConfig:
     # bf16: bf16 compute copies of the params, fp32 gradient reductions, fp32 master params
     # (which the EMA reads and writes). fp32: everything in fp32 (debugging, parity tests).
     mixed_precision: str = "bf16"
+    # bf16 only: keep the token (residual) stream in bf16 from the patch embedding on, LayerNorms
+    # included (their statistics are still fp32 inside the kernel). FSDP2 / HSDP compute in bf16
+    # copies of the parameters and do this anyway; for ddp / zero / none (bf16 through autocast)
+    # false keeps autocast's fp32 LayerNorm outputs and fp32 residual adds, the official recipe,
+    # which moves twice the bytes in the bandwidth-bound half of the step (docs/training.md).
+    bf16_stream: bool = True
     # Recompute each block's activations in backward (student only; the teacher has no backward).
     activation_checkpointing: bool = False
-    # torch.compile each block (after activation checkpointing, before sharding). Not with ZeRO.
+    # torch.compile the model (see compile_scope). Not with ZeRO.
     compile: bool = False
+    # block: each block is compiled on its own (after activation checkpointing, before sharding);
+    #   works with every backend but fsdp2 / hsdp's per-block hooks end each graph at a block.
+    # pass: each entry point (tokenize, encode_dual, forward_decoder, teacher_forward, ...) is ONE
+    #   graph, so inductor fuses across block boundaries (norms, residual adds, casts, the views'
+    #   concatenations); ddp / none only (no per-block parameter hooks to break it). Under ddp the
+    #   gradients of a pass are ready together at the end of its backward graph, so the all-reduce
+    #   overlaps less with the backward than with eager or per-block graphs.
+    compile_scope: str = "block"
     # torch.compile backend: inductor (generated kernels; the point of compiling) or aot_eager
     # (traces forward + backward but runs eager kernels: a cheap check that blocks compile).
     compile_backend: str = "inductor"
@@ -85,6 +100,11 @@ class ParallelConfig:
              f"parallel.compile_backend must be inductor, aot_eager or eager, got {self.compile_backend!r}")
         need(self.compile_mode in COMPILE_MODES,
              f"parallel.compile_mode must be one of {list(COMPILE_MODES)}, got {self.compile_mode!r}")
+        need(self.compile_scope in COMPILE_SCOPES,
+             f"parallel.compile_scope must be one of {list(COMPILE_SCOPES)}, got {self.compile_scope!r}")
+        need(not (self.compile and self.compile_scope == "pass") or self.backend in ("none", "ddp"),
+             f"parallel.compile_scope=pass needs parallel.backend none or ddp (got {self.backend!r}): FSDP2's "
+             "per-block gather / reshard hooks cannot sit inside one graph; use parallel.compile_scope=block")
         if self.backend in ZERO_BACKENDS:
             need(not self.compile, f"parallel.compile=true is not supported with parallel.backend={self.backend} "
                                    "(DeepSpeed's parameter hooks break per-block graphs); set parallel.compile=false "

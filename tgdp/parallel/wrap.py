@@ -84,7 +84,8 @@ def _checkpoint_activations(module: nn.Module) -> None:
 
 
 def _install_entry_points(model: nn.Module, hooked: Callable[[str], Callable[..., Any]],
-                          autocast: Optional[torch.dtype], device_type: str, dispatch: bool) -> None:
+                          autocast: Optional[torch.dtype], device_type: str, dispatch: bool,
+                          impl: Optional[Callable[[str], Callable[..., Any]]] = None) -> None:
     """Make each entry point `model.<name>(...)` run ONE forward through the wrapper's hooks.
 
     hooked(name): the callable that runs `name` as a forward of the wrapper (FSDP2's registered
@@ -94,14 +95,17 @@ def _install_entry_points(model: nn.Module, hooked: Callable[[str], Callable[...
     better). Nested calls run the plain method on the already gathered parameters.
     dispatch: the wrapper calls `model(...)` for every entry, so `forward` becomes a dispatcher
     to the requested method. bf16 autocast (DDP, DeepSpeed, replicated teachers) wraps the outer call.
+    impl(name): the function `(model, *args)` that an outer call runs (a compiled pass); by default
+    the class's method.
     """
     cls = type(model)
     depth = [0]
+    impl = impl or (lambda name: getattr(cls, name))
 
     def plain(name: str, *args: Any, **kwargs: Any) -> Any:
         depth[0] += 1
         try:
-            return getattr(cls, name)(model, *args, **kwargs)
+            return impl(name)(model, *args, **kwargs)
         finally:
             depth[0] -= 1
 
@@ -217,11 +221,14 @@ def shard_model(model: nn.Module, cfg: ParallelConfig, env: DistEnv, *, inferenc
     if cfg.activation_checkpointing and not inference_only:
         for unit in units:
             _checkpoint_activations(unit)
-    if cfg.compile:
+    compile_kwargs = {"backend": cfg.compile_backend,
+                      **({"mode": cfg.compile_mode} if cfg.compile_backend == "inductor" else {})}
+    if cfg.compile and cfg.compile_scope == "block":
         for unit in units:
-            unit.compile(backend=cfg.compile_backend,
-                         **({"mode": cfg.compile_mode} if cfg.compile_backend == "inductor" else {}))
+            unit.compile(**compile_kwargs)
     bf16 = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
+    if hasattr(model, "bf16_stream"):
+        model.bf16_stream = cfg.bf16_stream and bf16 is not None
     dev = env.device.type
     record = Placement(backend, inference_only, shard_group_size(cfg, env))
     model.__dict__[PLACEMENT_ATTR] = record  # plain attribute: not a submodule, not in state_dict
@@ -241,23 +248,38 @@ def shard_model(model: nn.Module, cfg: ParallelConfig, env: DistEnv, *, inferenc
         _install_entry_points(model, _route_through(engine), bf16, dev, dispatch=True)
         return engine
     model.to(env.device)
+    passes = _compiled_passes(model, compile_kwargs) if cfg.compile and cfg.compile_scope == "pass" else None
     if backend == "ddp" and not inference_only:
         ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[env.device.index] if dev == "cuda" else None, static_graph=True,
             gradient_as_bucket_view=True)
         record.wrapper = ddp
-        _install_entry_points(model, _route_through(ddp), bf16, dev, dispatch=True)
+        _install_entry_points(model, _route_through(ddp), bf16, dev, dispatch=True, impl=passes)
         return ddp
     # Replicated teachers (ddp, zero2) and backend none: a plain module, autocast for bf16.
     record.shard_group_size = 1
     if inference_only and backend in ("ddp", "zero2"):
         _broadcast_from_rank0(model)
         record.teacher_kind = "replicated"
-    if bf16 is not None:
-        cls = type(model)
-        _install_entry_points(model, lambda name: functools.partial(getattr(cls, name), model), bf16, dev,
-                              dispatch=False)
+    if bf16 is not None or passes is not None:
+        run = passes or (lambda name: getattr(type(model), name))
+        _install_entry_points(model, lambda name: functools.partial(run(name), model), bf16, dev,
+                              dispatch=False, impl=passes)
     return model
+
+
+def _compiled_passes(model: nn.Module, compile_kwargs: dict[str, Any]) -> Callable[[str], Callable[..., Any]]:
+    """parallel.compile_scope=pass: one torch.compile'd function per entry point, `(model, *args)`.
+
+    Each is traced on its first call (an entry point the run never calls costs nothing), as ONE
+    graph from the patch embedding or masked tokens to the pass's outputs, so inductor fuses the
+    LayerNorms, residual adds and casts of consecutive blocks and the views' concatenations (per
+    block, a graph ends at every block boundary). Nested entry calls inside a pass (the teacher's
+    `tokenize`) are traced into it.
+    """
+    cls = type(model)
+    compiled = {name: torch.compile(getattr(cls, name), **compile_kwargs) for name in forward_methods(model)}
+    return compiled.__getitem__
 
 
 def shard_student(model: nn.Module, cfg: ParallelConfig, env: DistEnv, *,
