@@ -8,12 +8,15 @@ disturbed measurement when other jobs share the machine).
 
 * ours  = `TGDPTask.forward` (teacher with the fused patch-to-CLS column, each pass computing
   only the stream it uses, one tokenisation, both student views packed through the
-  modality-specific blocks, last blocks of CLS-only passes for the CLS token only) + backward.
+  modality-specific blocks, last blocks of CLS-only passes for the CLS token only, the patch
+  embedding as one GEMM, under bf16 the token stream in bf16 as `parallel.bf16_stream`) +
+  backward; with --compile its entry points run as compiled graphs (`parallel.compile_scope=pass`).
 * ours-unpacked = the same with `task.pack_passes=false` (the two student views run as two
   passes), to show what packing alone buys.
 * naive = `tgdp.models.reference.official_style_passes` (teacher shuffles and materialises
   the [B, H, L, L] attention maps, every pass computes joint AND modality streams, tokenises
-  per pass) + the same losses + backward.
+  per pass, patch embedding as a convolution, fp32 token stream under autocast) + the same
+  losses + backward, always eager.
 
 It also measures this machine's matmul throughput (a square 2048^3 GEMM and a model-shaped
 [tokens, D] x [D, 4D] GEMM, same dtype) and reports our achieved FLOP/s (FlopCounterMode count
@@ -22,7 +25,7 @@ TG-DP and of CAV-MAE (single pass) for the preset.
 
     python bench/bench_step.py [--model base] [--batch 4] [--threads 2] [--repeats 3]
     python bench/bench_step.py --model tiny --batch 8
-    python bench/bench_step.py --device cuda --dtype bf16 --naive-dtype fp16 --batch 64
+    python bench/bench_step.py --device cuda --dtype bf16 --naive-dtype fp16 --batch 64 [--compile]
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from tgdp.config import load_config  # noqa: E402
 from tgdp.losses import distillation_loss, info_nce  # noqa: E402
 from tgdp.models import ModelConfig  # noqa: E402
 from tgdp.models.reference import official_style_passes  # noqa: E402
+from tgdp.parallel import DistEnv, ParallelConfig, shard_student, shard_teacher  # noqa: E402
 from tgdp.task import TaskConfig, TGDPTask, build_task, flops_per_sample  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -117,6 +121,16 @@ def make_steps(task: TGDPTask, audio: torch.Tensor, frames: torch.Tensor, autoca
     return {"ours": ours_with(True), "unpacked": ours_with(False), "naive": naive}
 
 
+def compile_entry_points(task: TGDPTask, device: torch.device, dtype: torch.dtype, backend: str) -> None:
+    """Our side as the trainer runs it with `parallel.compile=true compile_scope=pass`: the same
+    tgdp.parallel recipe (backend none: no wrapper, one process), so the graphs are the trainer's."""
+    cfg = ParallelConfig(backend="none", mixed_precision="bf16" if dtype == torch.bfloat16 else "fp32",
+                         compile=True, compile_scope="pass", compile_backend=backend)
+    env = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, device=device)
+    shard_student(task.student, cfg, env)
+    shard_teacher(task.teacher, cfg, env)
+
+
 def count_flops(fn: Callable[[], float], device: torch.device) -> float:
     # On CPU the fused SDPA kernel is invisible to FlopCounterMode; the math backend runs bmm's.
     backend = sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else contextlib.nullcontext()
@@ -136,6 +150,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype (fp32 = off)")
     parser.add_argument("--naive-dtype", choices=sorted(DTYPES), default=None,
                         help="autocast dtype of the naive side (default: --dtype); the official code runs fp16")
+    parser.add_argument("--compile", action="store_true",
+                        help="our side runs its entry points as compiled graphs (parallel.compile_scope=pass); "
+                             "the naive side stays eager, as the official code")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend with --compile")
     parser.add_argument("--fp32-stream", action="store_true",
                         help="our side keeps autocast's fp32 LayerNorms / residual stream (parallel.bf16_stream=false)")
     args = parser.parse_args(argv)
@@ -165,7 +183,11 @@ def main(argv: list[str] | None = None) -> None:
 
     steps = make_steps(task, audio, frames, autocast_of(dtype), autocast_of(naive_dtype),
                        ours_stream=not args.fp32_stream)
-    losses = {name: fn() for name, fn in steps.items()}  # warm-up; the losses must agree
+    # FLOPs are counted on the eager code (a compiled graph hides its ops from FlopCounterMode).
+    counted = {name: count_flops(with_autocast, device) for name, with_autocast in steps.items()}
+    if args.compile:
+        compile_entry_points(task, device, dtype, args.compile_backend)
+    losses = {name: fn() for name, fn in steps.items()}  # warm-up (and compilation); the losses must agree
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.repeats):  # alternate, so drifts in machine load hit both sides alike
         for name, fn in steps.items():
@@ -173,7 +195,6 @@ def main(argv: list[str] | None = None) -> None:
     median = {name: statistics.median(t) for name, t in times.items()}
     ema = statistics.median(timed(lambda: task.update_teacher(0), device) for _ in range(3))
 
-    counted = {name: count_flops(with_autocast, device) for name, with_autocast in steps.items()}
     tokens = args.batch * (model_cfg.num_patches_a + model_cfg.num_patches_v)
     peak = {
         "square 2048^3": gemm_flops_per_s(2048, 2048, 2048, dtype, device),
@@ -189,7 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"model={args.model} task={args.task} batch={B} device={device} ({name}) dtype={args.dtype} "
-          f"naive_dtype={args.naive_dtype or args.dtype} ours_stream={'fp32' if args.fp32_stream else 'bf16'} "
+          f"naive_dtype={args.naive_dtype or args.dtype} ours_stream={'bf16' if dtype == torch.bfloat16 and not args.fp32_stream else 'fp32'} "
+          f"ours_compiled={args.compile_backend if args.compile else 'no'} "
           f"threads={torch.get_num_threads()} repeats={args.repeats} load1={load:.2f} torch={torch.__version__}")
     print(f"loss          ours {losses['ours']:.6f}  unpacked {losses['unpacked']:.6f}  naive {losses['naive']:.6f}  "
           f"|diff| {abs(losses['ours'] - losses['naive']):.2e}")

@@ -9,12 +9,12 @@
 # (omegaconf, webdataset, deepspeed, pydantic, ...; .gpu/whl holds compiled wheels for its Python)
 # and the base-resolution shards in .gpu/shards (make_synthetic 32 clips + make_shards). Stages:
 #   1. bench_step, base, batch 64: ours in bf16 vs the official-style passes under fp16 autocast
-#      (the official recipe) and under bf16 (same precision).
+#      (the official recipe) and under bf16 (same precision); ours eager, then compiled (--compile).
 #   2. bench_train, base, bf16, one GPU: every backend through the real trainer (NCCL group of one
 #      for ddp / fsdp2 / zero2 / zero3), samples/s and MFU vs the bf16 dense peak.
 #   3. tiny preset on CUDA + NCCL per RESUME_BACKENDS (default fsdp2 zero2 zero3): 10 steps with
 #      checkpoints, then a re-run that resumes.
-#   3b. loader_long: batch 128 for 120 steps (is the loader the limit in steady state?).
+#   3b. loader_long: batch 256, compiled passes, 60 steps (does the loader keep up in steady state?).
 #   4. bench_train fsdp2 with parallel.compile=true (torch.compile per block), if time is left.
 #   0. (first) bench/profile_step.py: the trainer's step without the loader, per variant
 #      (PROFILE_VARIANTS='a=1 b=2;c=3' replaces the list): device-busy %, kernel time by kind, memory.
@@ -45,17 +45,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 python3 -c "import torch, deepspeed, omegaconf, webdataset; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'deepspeed', deepspeed.__version__, torch.cuda.get_device_name(0))" 2>&1 | grep -v Warning | tee -a "$OUT/gpu.txt"
 
-# The fp32 stream (autocast's LayerNorms, the official recipe) vs the bf16 stream (the default), then
-# whole-pass compilation, then a larger per-GPU batch, then DDP (one rank) for the ratio to DDP.
-NONE128='parallel.backend=none data.batch_size=128'
+# Whole-pass compilation on the bf16 stream (fourth session: 30.3 % MFU at batch 128, 33.4 % at 256,
+# before the GEMM patch embedding and the pinned mask noise), DDP (one rank) for the ratio to DDP,
+# then FSDP2 with per-block graphs (its only compile scope).
 PASS='parallel.compile=true parallel.compile_scope=pass'
-VARIANTS=(--variant "$NONE128 parallel.bf16_stream=false" --variant "$NONE128" --variant "$NONE128 $PASS"
-          --variant "parallel.backend=none data.batch_size=256 $PASS" --variant "parallel.backend=ddp data.batch_size=128 $PASS")
+VARIANTS=(--variant "parallel.backend=none data.batch_size=128 $PASS" --variant "parallel.backend=ddp data.batch_size=128 $PASS"
+          --variant "parallel.backend=none data.batch_size=256 $PASS" --variant "parallel.backend=fsdp2 data.batch_size=128 parallel.compile=true")
 [ -n "${PROFILE_VARIANTS:-}" ] && IFS=';' read -r -a V <<< "$PROFILE_VARIANTS" && VARIANTS=() \
   && for v in "${V[@]}"; do VARIANTS+=(--variant "$v"); done
 stage profile 300 python3 bench/profile_step.py --shards .gpu/shards --preset base --device cuda --batch 64 \
   --json "$OUT/profile.json" "${VARIANTS[@]}"
 stage step_fp16 110 python3 bench/bench_step.py --device cuda --dtype bf16 --naive-dtype fp16 --batch 64 --repeats 10
+stage step_compile 200 python3 bench/bench_step.py --device cuda --dtype bf16 --naive-dtype fp16 --batch 64 --repeats 10 --compile
 stage train 240 python3 bench/bench_train.py --device cuda --dtype bf16 --presets base --nproc 1 \
   --backends "${TRAIN_BACKENDS:-none,ddp,fsdp2,zero2,zero3}" --shards .gpu/shards --no-memory --steps 30 \
   --warmup 10 --log-dir "$OUT" --override data.num_workers=12 ${TRAIN_OVERRIDES:-}
@@ -72,17 +73,19 @@ for backend in ${RESUME_BACKENDS:-fsdp2 zero2 zero3}; do
   ls "$RUN/checkpoints" > "$OUT/resume_checkpoints_$backend.txt" 2>&1
   cp "$RUN/metrics.jsonl" "$OUT/resume_metrics_$backend.jsonl" 2>/dev/null
 done
-# The loader at batch 128 over a longer run (the 30-step runs are dominated by worker start-up).
-stage loader_long 150 python3 bench/bench_train.py --device cuda --dtype bf16 --presets base --nproc 1 \
-  --backends none --shards .gpu/shards --no-memory --steps 120 --warmup 30 --batch 128 --log-dir "$OUT" \
-  --override data.num_workers=14 --override data.samples_per_epoch=100000
+# The loader over a longer run (30-step runs are dominated by worker start-up) at batch 256 with
+# compiled passes: ~1070 samples/s to feed (batch 128 kept up at 895, fourth session).
+stage loader_long 180 python3 bench/bench_train.py --device cuda --dtype bf16 --presets base --nproc 1 \
+  --backends none --shards .gpu/shards --no-memory --steps 60 --warmup 20 --batch 256 --log-dir "$OUT" \
+  --override data.num_workers=14 --override data.samples_per_epoch=100000 --override parallel.compile=true \
+  --override parallel.compile_scope=pass
 stage step_bf16 80 python3 bench/bench_step.py --device cuda --dtype bf16 --naive-dtype bf16 --batch 64 --repeats 10
 stage compile 150 python3 bench/bench_train.py --device cuda --dtype bf16 --presets base --nproc 1 \
   --backends fsdp2 --shards .gpu/shards --no-memory --steps 30 --warmup 10 --log-dir "$OUT" \
   --override data.num_workers=6 --override parallel.compile=true
 
 echo "== summary ($(( SECONDS - START ))s)"
-for f in step_fp16 step_bf16; do grep -E "^model=|speed-up|achieved|step time|loss " "$OUT/$f.log"; done
+for f in step_fp16 step_compile step_bf16; do grep -E "^model=|speed-up|achieved|step time|loss " "$OUT/$f.log"; done
 grep -E "^\| base|MFU peak|FAILED" "$OUT/train.log" "$OUT/compile.log" "$OUT/loader_long.log"
 for f in "$OUT"/resume_checkpoints_*.txt; do [ -f "$f" ] && echo "$f:" && cat "$f"; done
 for f in "$OUT"/resume_b_*.log; do [ -f "$f" ] && tail -3 "$f"; done

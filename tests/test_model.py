@@ -166,6 +166,27 @@ def test_patchify_roundtrip_and_audio_patch_order(tiny: CAVMAE, batch) -> None: 
     assert torch.allclose(ta - tiny.pos_embed_a - tiny.modality_a, pa @ W.T + b, atol=1e-5)
 
 
+@pytest.mark.parametrize("channels, height, width", [(3, 64, 64), (1, 128, 48), (3, 70, 37)])
+def test_patch_projection_is_the_official_convolution(channels: int, height: int, width: int) -> None:
+    """The GEMM form of the patch embedding equals Conv2d(p, stride p) + flatten, values and
+    gradients (same weight), including inputs that do not divide into whole patches."""
+    from tgdp.models.cavmae import PatchProjection
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(channels, 32, kernel_size=16, stride=16)
+    ours = PatchProjection(channels, 32, kernel_size=16, stride=16)
+    ours.load_state_dict(conv.state_dict())
+    x = torch.randn(2, channels, height, width, requires_grad=True)
+    want = conv(x).flatten(2).transpose(1, 2)
+    got = ours(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, (x, conv.weight, conv.bias), grad)
+    got_grads = torch.autograd.grad(got, (x, ours.weight, ours.bias), grad)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_mae_loss_and_norm_pix(tiny: CAVMAE, batch) -> None:  # oracle 10
     audio, frames = batch
     target_a, target_v = tiny.mae_targets(audio, frames, norm_pix=True)

@@ -64,9 +64,17 @@ def apply_masking(x: torch.Tensor, masking: Masking) -> torch.Tensor:
 
 def _uniform(shape: tuple[int, ...], generator: torch.Generator, device: torch.device | str | None) -> torch.Tensor:
     """Uniform noise drawn on the GENERATOR's device (CPU by default: masks do not depend on the
-    accelerator), then moved to `device`."""
-    noise = torch.rand(shape, generator=generator, device=generator.device)
-    return noise if device is None else noise.to(device)
+    accelerator), then moved to `device`.
+
+    CPU -> CUDA goes through pinned memory, non-blocking: torch follows a copy from pageable
+    memory with a stream synchronisation, so the host would wait here for every kernel queued so
+    far (the teacher pass) and the GPU would idle while the host queues the student's passes.
+    The values are the same either way (the generator draws on the CPU in both cases).
+    """
+    target = None if device is None else torch.device(device)
+    pinned = target is not None and target.type == "cuda" and generator.device.type == "cpu"
+    noise = torch.rand(shape, generator=generator, device=generator.device, pin_memory=pinned)
+    return noise if target is None else noise.to(target, non_blocking=pinned)
 
 
 def random_masking(batch: int, num_patches: int, ratio: float, generator: torch.Generator,

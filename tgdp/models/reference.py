@@ -30,6 +30,7 @@ Official behaviours and what `CAVMAE` does instead:
 | patch count / tables hard-code p = 16, 128 mel bins        | from ModelConfig                        |
 | `forward` only works with CLS tokens                       | no-CLS models pool the patch tokens     |
 | MAE loss is NaN when nothing is masked                     | 0                                       |
+| patch embedding: `Conv2d(p, stride p)` (a convolution)     | one GEMM over the patches (same weight) |
 """
 
 from __future__ import annotations
@@ -39,6 +40,20 @@ import torch.nn.functional as F
 
 from tgdp.models.cavmae import CAVMAE
 from tgdp.models.masking import Masking, mask_generator, random_masking, rank_patches, ranked_masking
+
+
+def official_tokenize(model: CAVMAE, audio: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official patch embedding: `Conv2d(p, stride p)` -> flatten, + positions, + modality."""
+    def embed(proj: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, proj.weight, proj.bias, stride=proj.stride).flatten(2).transpose(1, 2)
+
+    a = embed(model.patch_embed_a.proj, audio.unsqueeze(1).transpose(2, 3))  # [B, 1, F, T], as the official
+    a = a + model.pos_embed_a
+    a = a + model.modality_a
+    v = embed(model.patch_embed_v.proj, frames)
+    v = v + model.pos_embed_v
+    v = v + model.modality_v
+    return a, v
 
 
 def official_masking(x: torch.Tensor, masking: Masking) -> torch.Tensor:
@@ -75,7 +90,7 @@ def _joint_official(model: CAVMAE, a: torch.Tensor, v: torch.Tensor) -> torch.Te
 def official_style_encoder(model: CAVMAE, audio: torch.Tensor, frames: torch.Tensor, mask_a: Masking,
                            mask_v: Masking) -> dict[str, torch.Tensor]:
     """`forward_encoder` (non-teacher): joint latent x AND the modality stream, both computed."""
-    ta, tv = model.tokenize(audio, frames)
+    ta, tv = official_tokenize(model, audio, frames)
     a, v = _specific_official(model, official_masking(ta, mask_a), official_masking(tv, mask_v))
     x = _joint_official(model, a, v)
     for blk in model.blocks_u:
@@ -92,7 +107,7 @@ def official_style_encoder(model: CAVMAE, audio: torch.Tensor, frames: torch.Ten
 def official_style_teacher(model: CAVMAE, audio: torch.Tensor, frames: torch.Tensor,
                            generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Teacher mode: ratio-0 random masking (a shuffle), joint stream (discarded), explicit maps."""
-    ta, tv = model.tokenize(audio, frames)
+    ta, tv = official_tokenize(model, audio, frames)
     B = ta.shape[0]
     mask_a = random_masking(B, ta.shape[1], 0.0, generator, ta.device)
     mask_v = random_masking(B, tv.shape[1], 0.0, generator, tv.device)
