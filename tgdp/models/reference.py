@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from tgdp.models.cavmae import CAVMAE
 from tgdp.models.masking import Masking, mask_generator, random_masking, rank_patches, ranked_masking
+from tgdp.models.patches import audio_as_image
 
 
 def official_tokenize(model: CAVMAE, audio: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,7 +48,7 @@ def official_tokenize(model: CAVMAE, audio: torch.Tensor, frames: torch.Tensor) 
     def embed(proj: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, proj.weight, proj.bias, stride=proj.stride).flatten(2).transpose(1, 2)
 
-    a = embed(model.patch_embed_a.proj, audio.unsqueeze(1).transpose(2, 3))  # [B, 1, F, T], as the official
+    a = embed(model.patch_embed_a.proj, audio_as_image(audio))  # [B, 1, F, T], as the official
     a = a + model.pos_embed_a
     a = a + model.modality_a
     v = embed(model.patch_embed_v.proj, frames)
