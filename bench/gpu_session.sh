@@ -46,10 +46,13 @@ python3 -c "import torch, deepspeed, omegaconf, webdataset; print('torch', torch
 'deepspeed', deepspeed.__version__, torch.cuda.get_device_name(0))" 2>&1 | grep -v Warning | tee -a "$OUT/gpu.txt"
 
 # Whole-pass compilation on the bf16 stream (fourth session: 30.3 % MFU at batch 128, 33.4 % at 256,
-# before the GEMM patch embedding and the pinned mask noise), DDP (one rank) for the ratio to DDP,
-# then FSDP2 with per-block graphs (its only compile scope).
+# before the GEMM patch embedding, the pinned mask noise and the device-side non-finite guard), the
+# same with the guard read on the host every step (the fourth session's code path), DDP (one rank)
+# for the ratio to DDP, then FSDP2 with per-block graphs (its only compile scope).
 PASS='parallel.compile=true parallel.compile_scope=pass'
-VARIANTS=(--variant "parallel.backend=none data.batch_size=128 $PASS" --variant "parallel.backend=ddp data.batch_size=128 $PASS"
+VARIANTS=(--variant "parallel.backend=none data.batch_size=128 $PASS"
+          --variant "parallel.backend=none data.batch_size=128 $PASS nonfinite_guard=host"
+          --variant "parallel.backend=ddp data.batch_size=128 $PASS"
           --variant "parallel.backend=none data.batch_size=256 $PASS" --variant "parallel.backend=fsdp2 data.batch_size=128 parallel.compile=true")
 [ -n "${PROFILE_VARIANTS:-}" ] && IFS=';' read -r -a V <<< "$PROFILE_VARIANTS" && VARIANTS=() \
   && for v in "${V[@]}"; do VARIANTS+=(--variant "$v"); done

@@ -2,14 +2,16 @@
 """Where a training step's time goes: the real `Trainer` step, with the loader taken out.
 
 Why: MFU alone does not say whether a step is bound by the GPU kernels, by the CPU launching
-them (Python dispatch, host syncs), or by the loader. This script runs `Trainer._one_step`
+them (Python dispatch, host syncs), or by the loader. This script runs `Trainer.train_step`
 (teacher, both student passes, losses, backward, optimizer, EMA: everything but the loader) on a
 few real batches kept on the device, then profiles some steps with `torch.profiler` and reports,
 per configuration variant:
 
-* step time, samples/s, MFU (analytic FLOPs / the datasheet or measured peak) and peak memory;
-* device-busy % = summed kernel time per step / the unprofiled step time (the baseline: 100 %
-  means the step is kernel-bound; the rest is the device waiting for the host);
+* step time back to back (the loop's rhythm: the host may run ahead of the device) and alone
+  (a sync around each step), samples/s, MFU (analytic FLOPs / the datasheet or measured peak),
+  peak memory;
+* device-busy % = summed kernel time per step / the unprofiled back-to-back step time (the
+  baseline: 100 % means the step is kernel-bound; the rest is the device waiting for the host);
 * kernel time by kind (GEMM, attention, elementwise / other, copies) and the top kernels.
 
 Each variant (a list of dotted overrides, e.g. `parallel.compile=true` or `data.batch_size=128`)
@@ -64,7 +66,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                  "logging.wandb=false", "logging.image_every=0", "checkpoint.every_steps=0",
                  "checkpoint.every_minutes=0", "export_on_finish=false", "data.num_workers=1",
                  "data.samples_per_epoch=100000",  # a few real clips are enough: two batches are kept
-                 f"run_dir={args.run_dir}", f"total_steps={args.warmup + args.steps + args.profile_steps + 1}"]
+                 f"run_dir={args.run_dir}", f"total_steps={args.warmup + 2 * args.steps + args.profile_steps + 1}"]
     if args.device == "cuda":
         overrides.append("parallel.mixed_precision=bf16")
     variant = (args.variant or [""])[-1]
@@ -89,26 +91,37 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             torch.cuda.synchronize(device)
 
     def run_steps(n: int) -> list[float]:
+        """Each step timed alone: a sync before and after it (the host cannot run ahead)."""
         times = []
         for _ in range(n):
             sync()
             start = time.perf_counter()
-            trainer._one_step(stream)
-            trainer.step += 1
+            trainer.train_step(stream)
             sync()
             times.append(time.perf_counter() - start)
         return times
+
+    def run_window(n: int) -> float:
+        """n steps back to back, as the training loop runs them; the mean step time."""
+        sync()
+        start = time.perf_counter()
+        for _ in range(n):
+            trainer.train_step(stream)
+        trainer.guard.settle()
+        sync()
+        return (time.perf_counter() - start) / n
 
     run_steps(args.warmup)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = run_steps(args.steps)
-    step_s = statistics.median(times)
+    step_s = run_window(args.steps)  # what MFU and busy % refer to: the loop's own rhythm
     samples = cfg.data.batch_size * cfg.grad_accum
     peak, source = peak_flops(device)
     flops = trainer.flops_per_sample * samples / step_s
     result: dict[str, Any] = {
-        "variant": variant or "(default)", "batch": samples, "step_s": step_s, "step_s_min": min(times),
+        "variant": variant or "(default)", "batch": samples, "step_s": step_s,
+        "isolated_step_s": statistics.median(times), "step_s_min": min(times), "guard": trainer.guard.mode,
         "samples_per_s": samples / step_s, "tflops": flops / 1e12, "mfu_pct": 100 * flops / peak if peak else None,
         "peak_source": source,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
@@ -117,7 +130,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     sync()
     start = time.perf_counter()
     with profile(activities=activities) as prof:
-        run_steps(args.profile_steps)
+        run_window(args.profile_steps)
     wall = time.perf_counter() - start
     kernels: dict[str, float] = {}
     launches = 0
@@ -153,8 +166,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def report(r: dict[str, Any]) -> None:
-    print(f"\n== {r['variant']}: batch {r['batch']}, step {r['step_s'] * 1e3:.1f} ms (min {r['step_s_min'] * 1e3:.1f}),"
-          f" {r['samples_per_s']:.1f} samples/s, {r['tflops']:.2f} TFLOP/s")
+    print(f"\n== {r['variant']}: batch {r['batch']}, step {r['step_s'] * 1e3:.1f} ms back to back (alone: median "
+          f"{r['isolated_step_s'] * 1e3:.1f}, min {r['step_s_min'] * 1e3:.1f}), {r['samples_per_s']:.1f} samples/s, "
+          f"{r['tflops']:.2f} TFLOP/s, non-finite guard on the {r['guard']}")
     if r["mfu_pct"] is not None:
         print(f"   MFU {r['mfu_pct']:.1f} % of {r['peak_source']}")
     if r["peak_mem_gib"] is not None:

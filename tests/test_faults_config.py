@@ -29,6 +29,8 @@ CASES = {
                                       ["init.mae_checkpoint=", "is not a file: expected a checkpoint"]),
     "train_unknown_field": (TRAIN, ["--shards", "{shards}", "--run-dir", "{new}", "optim.learning_rate=1"],
                             ["learning_rate", "optim"]),
+    "train_device_guard_without_fused_adamw": (TRAIN, ["--shards", "{shards}", "--run-dir", "{new}", "optim.fused=false",
+                                                       "nonfinite_guard=device"], ["nonfinite_guard=device", "optim.fused=true"]),
     "train_wrong_type": (TRAIN, ["--shards", "{shards}", "--run-dir", "{new}", "total_steps=many"], ["total_steps"]),
     "train_missing_preset_file": ([sys.executable, "-m", "tgdp.train", "--config", "{new}.yaml"], [],
                                   ["config file", "does not exist"]),

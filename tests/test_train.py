@@ -151,8 +151,71 @@ def test_nonfinite_steps_are_skipped_then_stop_cleanly(train_shards, tmp_path):
                              "inject_nonfinite_steps=[5,6,7]", "max_nonfinite_steps=3")
     assert proc.returncode == 3, proc.stderr
     assert "3 consecutive steps with non-finite" in proc.stderr
-    # the checkpoint holds the last good state: 6 steps counted, the updates of 5 and 6 never applied
-    assert sorted(p.name for p in (run2 / "checkpoints").glob("step_*")) == ["step_00000006"]
+    # the checkpoint holds the last good state: 7 steps counted (and 7 batches read), the updates
+    # of 5, 6 and 7 never applied
+    assert sorted(p.name for p in (run2 / "checkpoints").glob("step_*")) == ["step_00000007"]
+
+
+def _same_records(a: list[dict], b: list[dict]) -> bool:
+    """Metric records equal key by key, NaN equal to NaN, timings, throughput and memory aside."""
+    def clean(r: dict) -> dict:
+        return {k: ("nan" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()
+                if not k.startswith(("perf/", "mem/")) and k != "time"}
+    return [clean(r) for r in a] == [clean(r) for r in b]
+
+
+def test_device_side_guard_matches_the_host_side_guard_bitwise(train_shards, tmp_path):
+    """nonfinite_guard=device (fused AdamW skips on the device, the host reads the verdict a step
+    later) against nonfinite_guard=host (one read per step), same fused optimizer: the same
+    skipped step, the same losses and norms after it, bitwise the same exported student and
+    teacher; and a stop after K bad steps in a row leaves the same last good state."""
+    fused = ["parallel.backend=none", "optim.fused=true"]
+    records, weights = {}, {}
+    for mode in ("host", "device"):
+        run = tmp_path / f"skip_{mode}"
+        proc = train_one_process(*common(train_shards, 6), "--run-dir", str(run), *fused, f"nonfinite_guard={mode}",
+                                 "inject_nonfinite_steps=[3]", "logging.log_every=2")
+        assert proc.returncode == 0, proc.stderr
+        assert "step 3: non-finite loss or gradient, update skipped (1 in a row)" in proc.stderr
+        records[mode] = read_metrics(run / "metrics.jsonl")
+        weights[mode] = load_file(run / "export" / "model.safetensors")
+    assert [r["step"] for r in records["device"]] == [2, 4, 6]
+    assert _same_records(records["host"], records["device"])
+    assert weights["host"].keys() == weights["device"].keys()
+    assert all(torch.equal(weights["host"][k], weights["device"][k]) for k in weights["host"])
+
+    stopped = {}
+    for mode, expected in (("host", "step_00000007"), ("device", "step_00000008")):
+        run = tmp_path / f"stop_{mode}"
+        proc = train_one_process(*common(train_shards, 10), "--run-dir", str(run), *fused, f"nonfinite_guard={mode}",
+                                 "inject_nonfinite_steps=[5,6,7]", "max_nonfinite_steps=3", "logging.log_every=100")
+        assert proc.returncode == 3, proc.stderr
+        assert "3 consecutive steps with non-finite loss/gradients (last: step 7)" in proc.stderr
+        # device: step 8 was already queued when the host read step 7's verdict; the device froze it
+        assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == [expected]
+        steps = expected.split("_")[1].lstrip("0")
+        proc = train_one_process(*common(train_shards, int(steps)), "--run-dir", str(run), *fused,
+                                 f"nonfinite_guard={mode}")  # resume at the last step: export what was saved
+        assert proc.returncode == 0, proc.stderr
+        stopped[mode] = load_file(run / "export" / "model.safetensors")
+    assert all(torch.equal(stopped["host"][k], stopped["device"][k]) for k in stopped["host"])
+
+
+@pytest.mark.slow
+def test_device_side_guard_on_two_fsdp2_ranks(train_shards, tmp_path):
+    """The device-side skip through FSDP2's DTensor parameters (fused AdamW's `found_inf` is a
+    plain tensor) and the all-reduced verdict on 2 gloo ranks: bitwise the host-side guard's run."""
+    records, weights = {}, {}
+    for mode in ("host", "device"):
+        run = tmp_path / mode
+        out = finish(torchrun(common(train_shards, 4) + [
+            "--run-dir", str(run), "parallel.backend=fsdp2", "optim.fused=true", f"nonfinite_guard={mode}",
+            "inject_nonfinite_steps=[2]"], free_port()))
+        records[mode] = read_metrics(run / "metrics.jsonl")
+        assert [r["train/step_applied"] for r in records[mode]] == [1.0, 0.0, 1.0, 1.0], out
+        weights[mode] = load_file(run / "export" / "model.safetensors")
+    assert _same_records(records["host"], records["device"])
+    assert all(torch.equal(weights["host"][k], weights["device"][k]) for k in weights["host"])
 
 
 @pytest.mark.slow

@@ -31,6 +31,7 @@ from tgdp.eval.periodic import PeriodicEvalConfig, PeriodicRetrieval
 from tgdp.metrics import LoggingConfig, MetricLogger, Throughput, peak_flops
 from tgdp.models.config import ModelConfig
 from tgdp.models.interop import load_mae, load_official
+from tgdp.nonfinite import GUARD_MODES, NonFiniteGuard, NonFiniteStop, supports_device_skip
 from tgdp.optim import OptimConfig, build_optimizer, lr_schedule, set_lr
 from tgdp.task import TaskConfig, TGDPTask, flops_per_sample
 from tgdp.visualize import plot_loss_curves, plot_priority_map, plot_reconstruction
@@ -38,6 +39,11 @@ from tgdp.visualize import plot_loss_curves, plot_priority_map, plot_reconstruct
 log = logging.getLogger("tgdp.train")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+_DEVICE_GUARD_NEEDS = ("nonfinite_guard=device needs torch's fused AdamW (optim.fused=true; unset means fused on "
+                       "CUDA only) and a backend other than zero2 / zero3 (DeepSpeed decides inside its own step); "
+                       "use nonfinite_guard=auto or host")
 
 
 @dataclass
@@ -57,6 +63,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     max_nonfinite_steps: int = 5  # consecutive non-finite steps before a clean stop
+    # How a step decides to skip (tgdp/nonfinite.py): host = read the verdict every step (one
+    # sync); device = fused AdamW skips on the device, the host reads the verdict a step later;
+    # auto = device when the optimizer is fused (CUDA's default) and no DeepSpeed engine steps.
+    nonfinite_guard: str = "auto"
     export_on_finish: bool = True  # write <run_dir>/export/model.safetensors at the end
     # Fault injection for reliability tests and drills: the loss of these steps (numbered as logged:
     # step N is the N-th optimizer step) is made NaN.
@@ -76,6 +86,10 @@ class TrainConfig:
         for name in ("total_steps", "grad_accum", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.nonfinite_guard not in GUARD_MODES:
+            raise ConfigError(f"nonfinite_guard must be one of {list(GUARD_MODES)}, got {self.nonfinite_guard!r}")
+        if self.nonfinite_guard == "device" and (self.optim.fused is False or self.parallel.backend in ZERO_BACKENDS):
+            raise ConfigError(_DEVICE_GUARD_NEEDS)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         for part in (self.model, self.task, self.data, self.parallel, self.optim, self.checkpoint, self.logging):
@@ -131,27 +145,13 @@ class StopRequested:
         return bool(t.item())
 
 
-class NonFiniteStop(RuntimeError):
-    """Training produced non-finite losses or gradients too many steps in a row."""
-
-
-def _all_finite(values: list[torch.Tensor], device: torch.device) -> bool:
-    """True when every value is finite on EVERY rank (so all ranks skip or step together).
-
-    One host read for the whole list (and one all-reduce on > 1 rank), not one per value."""
-    ok = torch.stack([torch.isfinite(v.detach()).all() for v in values]).all().to(device, torch.float32).reshape(1)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item())
-
-
 @dataclass
 class StepResult:
     """What a step leaves for logging, still on the device: read only when the step is logged."""
 
     sums: dict[str, torch.Tensor]  # each term averaged over the step's micro-batches
     norm: torch.Tensor  # global gradient norm before clipping (DeepSpeed's own under ZeRO)
-    applied: bool
+    applied: bool | torch.Tensor  # a device flag under the device-side guard (tgdp/nonfinite.py)
     task: TaskConfig
 
     def terms(self) -> dict[str, float]:
@@ -194,7 +194,6 @@ class Trainer:
         # generators derived from (seed, step, rank, micro-batch)).
         torch.manual_seed(cfg.seed)
         self.step = 0
-        self.nonfinite_streak = 0
 
         task = TGDPTask(_build_student(cfg), cfg.task, cfg.total_steps)
         task.reset_teacher()  # the teacher starts equal to the (initialised) student
@@ -213,6 +212,10 @@ class Trainer:
         self.loader = ShardLoader(cfg.data, self.env.rank, self.env.world_size)
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint, self.env.rank, self.env.world_size)
         self.flops_per_sample = flops_per_sample(cfg.model, cfg.task)
+        self.guard = NonFiniteGuard(
+            cfg.max_nonfinite_steps, self.device, self._guard_mode(),
+            hint=f"a checkpoint of the last good state is in {self.ckpt.root}. Lower optim.lr, check the data "
+                 "(data/skipped), or use parallel.mixed_precision=fp32 to investigate")
         self.stop = StopRequested()
         self.run_id: str | None = None
         self._last_saved_step = -1
@@ -228,6 +231,14 @@ class Trainer:
             "gradient_accumulation_steps": cfg.grad_accum,
             "gradient_clipping": cfg.optim.grad_clip}}
 
+    def _guard_mode(self) -> str:
+        """auto -> device where the optimizer can skip on the device (fused AdamW, not DeepSpeed)."""
+        device_ok = not self.is_engine and supports_device_skip(self.optimizer)
+        mode = self.cfg.nonfinite_guard
+        if mode == "device" and not device_ok:  # optim.fused unset and the parameters on the CPU
+            raise ConfigError(_DEVICE_GUARD_NEEDS)
+        return ("device" if device_ok else "host") if mode == "auto" else mode
+
     # ------------------------------------------------------------------ state
     def _models(self) -> dict[str, Any]:
         """The models as checkpoints and the export see them: modules, or for ZeRO engines adapters
@@ -238,8 +249,9 @@ class Trainer:
         return {name: ZeroModelState(m) for name, m in models.items()} if self.is_engine else models
 
     def app_state(self) -> dict[str, Any]:
+        self.guard.settle()  # the streak must count every step taken
         state: dict[str, Any] = {**self._models(),
-                                 "trainer": {"step": self.step, "nonfinite_streak": self.nonfinite_streak}}
+                                 "trainer": {"step": self.step, "nonfinite_streak": self.guard.streak}}
         if self.is_engine:
             state.update(optim=ZeroOptimizerState(self.wrapped), engine=ZeroEngineState(self.wrapped))
         else:
@@ -261,7 +273,7 @@ class Trainer:
                         "teacher and AdamW state load by name; DeepSpeed's step counters restart", latest.name)
         result = self.ckpt.load(latest, state)
         self.step = int(state["trainer"]["step"])
-        self.nonfinite_streak = int(state["trainer"]["nonfinite_streak"])
+        self.guard.streak = int(state["trainer"]["nonfinite_streak"])
         data_state = result.rank_state if result.rank_state is not None else result.rank0_state
         if data_state is not None:
             self.loader.load_state_dict(data_state["data"])
@@ -337,11 +349,11 @@ class Trainer:
         stopped_by = ""
         try:
             while self.step < cfg.total_steps:
-                out, result = self._one_step(batches)
-                self.step += 1
+                out, result = self.train_step(batches)
                 meter.step_done(cfg.data.batch_size * cfg.grad_accum,
                                 self._flops_at(self.step - 1))
                 if logger.should_log(self.step) or self.step == cfg.total_steps:
+                    self.guard.settle()  # skips are logged (and a stop raised) before the record
                     record = {**_mean_over_ranks(result.terms(), self.device),
                               "train/lr": float(self.lrs[self.step - 1]),
                               "train/ema_momentum": self.task.momentum(self.step - 1),
@@ -360,6 +372,7 @@ class Trainer:
                     break
                 if self.ckpt.should_save(self.step):
                     self.save()
+            self.guard.settle()
             finished = self.step >= cfg.total_steps and cfg.checkpoint.save_final
             if (stopped_by or finished) and self._last_saved_step != self.step:
                 self.save()
@@ -379,18 +392,26 @@ class Trainer:
     def _flops_at(self, step: int) -> float:
         return flops_per_sample(self.cfg.model, self.cfg.task, self.task.contrastive_mask_ratio(step))
 
+    def train_step(self, batches: Iterator[dict[str, Any]]):
+        """Queue one optimizer step, count it, and read the non-finite verdicts that are ready
+        (under the device-side guard, the previous step's: this one stays in flight)."""
+        out, result = self._one_step(batches)
+        self.step += 1
+        self.guard.settle(wait=False)
+        return out, result
+
     def _one_step(self, batches: Iterator[dict[str, Any]]):
-        """One optimizer step with ONE host synchronisation (the apply-or-skip decision).
+        """One optimizer step, queued without reading anything back from the device (device-side
+        guard) or with one read, the apply-or-skip decision (host-side guard).
 
         Why: every `.item()` / `float(tensor)` drains the CUDA queue, and the GPU then idles while
         the CPU launches the next kernels. Loss terms stay on the device (`StepResult.terms` reads
         them only when a step is logged). The non-finite guard needs no read before a backward: a
-        NaN loss makes NaN gradients, so the gradient norm decides. Ours (DDP / FSDP2 / none): one
-        all-reduced read of the micro-batch losses and the norm, then the update or `zero_grad`.
-        DeepSpeed engines make the same decision inside `step()`: ZeRO's optimizer all-reduces the
-        norm, skips a non-finite step and clears its own gradient partitions (its overflow path,
-        on for fp32 and for bf16 with `check_grad_overflow`, DeepSpeed's default), and reports it
-        through `was_step_applied()`.
+        NaN loss makes NaN gradients, so the gradient norm decides (tgdp/nonfinite.py). DeepSpeed
+        engines make the same decision inside `step()`: ZeRO's optimizer all-reduces the norm,
+        skips a non-finite step and clears its own gradient partitions (its overflow path, on for
+        fp32 and for bf16 with `check_grad_overflow`, DeepSpeed's default), and reports it through
+        `was_step_applied()`.
         """
         cfg, task = self.cfg, self.task
         step = self.step
@@ -414,30 +435,29 @@ class Trainer:
             last = micro == cfg.grad_accum - 1
             with P.gradient_sync(self.wrapped, enabled=last or not cfg.parallel.defer_grad_sync):
                 P.backward(self.wrapped, out.loss, boundary=last)  # this micro-batch's share (task / grad_accum)
+        applied: bool | torch.Tensor
         if self.is_engine:
             P.optimizer_step(self.wrapped, self.optimizer)
             applied = bool(self.wrapped.was_step_applied())
             ds_norm = self.wrapped.get_global_grad_norm()  # a float DeepSpeed already read (None: not computed)
             norm = torch.tensor(float("nan") if ds_norm is None else float(ds_norm))
+            if applied:
+                task.update_teacher(step)
+        elif self.guard.mode == "device":
+            norm = _global_grad_norm(list(task.student.parameters()), cfg.optim.grad_clip)
+            applied = self.guard.decide_on_device(losses + [norm])
+            self.optimizer.found_inf = 1.0 - applied  # fused AdamW: 1 leaves params, moments and counts as they were
+            P.optimizer_step(self.wrapped, self.optimizer)
+            task.update_teacher(step, gate=applied)
         else:
             norm = _global_grad_norm(list(task.student.parameters()), cfg.optim.grad_clip)
-            applied = _all_finite(losses + [norm], self.device)  # the step's one host sync
+            applied = self.guard.decide_on_host(losses + [norm])  # the step's one host sync
             if applied:
                 P.optimizer_step(self.wrapped, self.optimizer)
+                task.update_teacher(step)
             else:  # a non-finite norm made the clip scale the gradients by NaN: drop them
                 self.optimizer.zero_grad(set_to_none=True)
-        if applied:
-            task.update_teacher(step)
-            self.nonfinite_streak = 0
-        else:
-            self.nonfinite_streak += 1
-            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step + 1,
-                        self.nonfinite_streak)
-            if self.nonfinite_streak >= cfg.max_nonfinite_steps:
-                raise NonFiniteStop(
-                    f"{self.nonfinite_streak} consecutive steps with non-finite loss/gradients (last: step {step + 1}); "
-                    f"a checkpoint of the last good state is in {self.ckpt.root}. Lower optim.lr, check the data "
-                    "(data/skipped), or use parallel.mixed_precision=fp32 to investigate")
+        self.guard.record(step + 1, applied)
         return out, StepResult(sums, norm, applied, cfg.task)
 
     def _pictures(self, out) -> dict[str, Path]:

@@ -79,12 +79,17 @@ def local_pairs(student: Any, teacher: Any) -> list[tuple[Tensor, Tensor]]:
 
 
 @torch.no_grad()
-def ema_update_(pairs: list[tuple[Tensor, Tensor]], momentum: float) -> None:
+def ema_update_(pairs: list[tuple[Tensor, Tensor]], momentum: float, gate: Optional[Tensor] = None) -> None:
     """teacher <- momentum * teacher + (1 - momentum) * student on every pair, one fused call.
 
     `torch._foreach_lerp_(T, S, 1 - m)` is that formula; m = 1 is a no-op, m = 0 a copy (also
     right when the teacher holds garbage, e.g. after a meta-device materialisation). bf16
     student sides are upcast (the accumulation stays fp32). No communication.
+
+    `gate`: a 0-d 0 / 1 tensor on the device (the non-finite guard's device-side verdict, see
+    tgdp/nonfinite.py): the weight becomes gate * (1 - m), so a skipped step leaves the teacher
+    bitwise unchanged without the host reading the verdict. lerp with a 1-element tensor weight
+    is the same formula as with a scalar, so an applied step is bitwise the ungated update.
     """
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
@@ -92,7 +97,10 @@ def ema_update_(pairs: list[tuple[Tensor, Tensor]], momentum: float) -> None:
         return
     teachers = [t for t, _ in pairs]
     students = [s if s.dtype == t.dtype else s.to(t.dtype) for t, s in pairs]
-    if momentum == 0.0:
+    if gate is not None:
+        weight = gate.to(teachers[0].dtype) * (1.0 - momentum)  # a Python scalar: no host-to-device copy
+        torch._foreach_lerp_(teachers, students, [weight] * len(teachers))
+    elif momentum == 0.0:
         torch._foreach_copy_(teachers, students)
     else:
         torch._foreach_lerp_(teachers, students, 1.0 - momentum)

@@ -191,14 +191,15 @@ class TGDPTask(nn.Module):
 
     # ------------------------------------------------------------------ EMA
     @torch.no_grad()
-    def update_teacher(self, step: int) -> float:
+    def update_teacher(self, step: int, gate: Optional[Tensor] = None) -> float:
         """theta_T <- m theta_T + (1 - m) theta_S with m = momentum(step), shard-local; returns m.
 
-        Call it after the optimizer step of `step` (the momentum of the step just taken).
+        Call it after the optimizer step of `step` (the momentum of the step just taken). `gate`:
+        the non-finite guard's device-side verdict (0: the step was skipped, leave the teacher).
         """
         m = self.momentum(step)
         if self.teacher is not None:
-            ema_update_(local_pairs(self.student, self.teacher), m)
+            ema_update_(local_pairs(self.student, self.teacher), m, gate)
         return m
 
     @torch.no_grad()
