@@ -30,6 +30,21 @@ def test_device_guard_recovers_below_the_limit():
     assert [float(v) for v in verdicts] == [0.0, 0.0, 1.0, 0.0]
 
 
+def test_device_guard_resumed_at_the_limit_judges_the_next_step_on_its_own():
+    """A checkpoint written by a non-finite stop holds streak = max_streak: after the resume a good
+    step applies and resets the streak, a bad one stops again (as with the host-side guard)."""
+    good, bad = NonFiniteGuard(2, CPU, "device"), NonFiniteGuard(2, CPU, "device")
+    good.streak = bad.streak = 2
+    verdict = good.decide_on_device([ONE])
+    assert float(verdict) == 1.0
+    good.record(5, verdict)
+    good.settle()
+    assert good.streak == 0
+    bad.record(5, bad.decide_on_device([NAN]))
+    with pytest.raises(NonFiniteStop, match="3 consecutive"):
+        bad.settle()
+
+
 def test_settle_reads_a_step_late_on_the_device_and_at_once_on_the_host(caplog):
     device, host = NonFiniteGuard(2, CPU, "device"), NonFiniteGuard(2, CPU, "host")
     with caplog.at_level(logging.WARNING, logger="tgdp.train"):

@@ -80,7 +80,10 @@ class NonFiniteGuard:
         """Device mode: a 0-d float32 flag on the device, 1.0 = apply. 0 when a value is not
         finite on some rank, or when the streak already reached the limit (frozen, see above)."""
         if self._device_streak is None:
-            self._device_streak = torch.full((), float(self.streak), device=self.device)
+            # A run resumed from a non-finite stop holds streak = max_streak: its first step is
+            # judged on its own (a good one resets the streak, a bad one stops), not frozen.
+            start = min(self.streak, self.max_streak - 1)
+            self._device_streak = torch.full((), float(start), device=self.device)
         ok = self._finite(values).reshape(())
         applied = ok * (self._device_streak < self.max_streak).float()
         self._device_streak = torch.where(applied > 0, torch.zeros_like(self._device_streak), self._device_streak + 1)
