@@ -90,9 +90,10 @@ def make_shards(root: Path, clips: int = 32) -> Path:
     return root / "shards"
 
 
-def overrides(preset: str, backend: str, batch: int, device: str, dtype: str) -> list[str]:
-    """Trainer overrides: per-step metrics, no pictures / wandb / periodic checkpoints, small CPU loader."""
-    out = ["logging.wandb=false", "logging.log_every=1", "logging.image_every=0", "checkpoint.every_steps=0",
+def overrides(preset: str, backend: str, batch: int, device: str, dtype: str, log_every: int = 1) -> list[str]:
+    """Trainer overrides: metrics every `log_every` steps, no pictures / wandb / periodic
+    checkpoints, small CPU loader."""
+    out = ["logging.wandb=false", f"logging.log_every={log_every}", "logging.image_every=0", "checkpoint.every_steps=0",
            "checkpoint.every_minutes=0", "checkpoint.save_final=false", "export_on_finish=false", f"parallel.backend={backend}",
            f"data.batch_size={batch}", f"device={device}", f"parallel.mixed_precision={dtype}",
            "data.samples_per_epoch=4096"]  # a 32-clip corpus would otherwise restart the workers every few steps
@@ -139,7 +140,7 @@ def run_trainer(preset: str, backend: str, nproc: int, shards: Path, run_dir: Pa
     launch = [sys.executable] if backend == "none" else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(free_port())]
     cmd = [*launch, "tgdp/train.py", "--config", preset, "--run-dir", str(run_dir), "--shards", str(shards),
-           "--steps", str(steps), *overrides(preset, backend, batch, args.device, args.dtype), *args.override]
+           "--steps", str(steps), *overrides(preset, backend, batch, args.device, args.dtype, args.log_every), *args.override]
     # Each process gets its share of the cores (one process: all of them; torchrun alone would set 1).
     env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank(world)), "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     row = Row(preset, backend, world, batch, steps - warmup, load1=os.getloadavg()[0])
@@ -153,7 +154,8 @@ def run_trainer(preset: str, backend: str, nproc: int, shards: Path, run_dir: Pa
     from tgdp.metrics import read_metrics
 
     records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] > warmup]
-    # Totals over the measured steps (each record covers one step because log_every=1).
+    # Totals over the measured steps: each record is the mean of the `log_every` steps before it
+    # (the same number for every record, checked in main), so plain sums and means are exact.
     time_s = sum(r["perf/step_time_s"] for r in records)
     row.samples_per_s = sum(r["perf/samples_per_s"] * r["perf/step_time_s"] for r in records) / time_s
     row.per_device = row.samples_per_s / world
@@ -338,6 +340,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--steps", type=int, default=0, help="steps per run (0: per-preset default)")
     parser.add_argument("--warmup", type=int, default=-1, help="steps dropped as warm-up (-1: per-preset default)")
     parser.add_argument("--batch", type=int, default=0, help="per-rank batch (0: per-preset default)")
+    parser.add_argument("--log-every", type=int, default=1,
+                        help="logging.log_every: a logged step reads the losses back (a host sync on a GPU), so "
+                             "use e.g. 10 on a GPU to measure the loop's own rhythm; must divide warm-up and steps")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the model-state table")
     parser.add_argument("--mem-preset", default="base", help="train preset of the memory table")
     parser.add_argument("--mem-dtype", choices=("fp32", "bf16"), default="bf16",
@@ -369,6 +374,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         for preset in args.presets.split(","):
             steps, warmup, batch = PLAN.get((preset, args.device), PLAN[("base", args.device)])
             plan = (args.steps or steps, warmup if args.warmup < 0 else args.warmup, args.batch or batch)
+            if plan[0] % args.log_every or plan[1] % args.log_every:
+                parser.error(f"--log-every {args.log_every} must divide the steps ({plan[0]}) and the warm-up ({plan[1]})")
             for backend in args.backends.split(","):
                 run_dir = work / f"{preset}_{backend}"
                 rows.append(run_trainer(preset, backend, args.nproc, shards, run_dir, plan, peaks, args))

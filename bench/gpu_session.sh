@@ -62,7 +62,7 @@ stage step_fp16 110 python3 bench/bench_step.py --device cuda --dtype bf16 --nai
 stage step_compile 200 python3 bench/bench_step.py --device cuda --dtype bf16 --naive-dtype fp16 --batch 64 --repeats 10 --compile
 stage train 240 python3 bench/bench_train.py --device cuda --dtype bf16 --presets base --nproc 1 \
   --backends "${TRAIN_BACKENDS:-none,ddp,fsdp2,zero2,zero3}" --shards .gpu/shards --no-memory --steps 30 \
-  --warmup 10 --log-dir "$OUT" --override data.num_workers=12 ${TRAIN_OVERRIDES:-}
+  --warmup 10 --log-every 10 --log-dir "$OUT" --override data.num_workers=12 ${TRAIN_OVERRIDES:-}
 # Checkpoint + resume on CUDA, bf16, NCCL, per backend in RESUME_BACKENDS (fsdp2 by default): 10
 # steps with a checkpoint every 5, then the same command with --steps 20 resumes from step 10.
 for backend in ${RESUME_BACKENDS:-fsdp2 zero2 zero3}; do
@@ -79,12 +79,12 @@ done
 # The loader over a longer run (30-step runs are dominated by worker start-up) at batch 256 with
 # compiled passes: ~1070 samples/s to feed (batch 128 kept up at 895, fourth session).
 stage loader_long 180 python3 bench/bench_train.py --device cuda --dtype bf16 --presets base --nproc 1 \
-  --backends none --shards .gpu/shards --no-memory --steps 60 --warmup 20 --batch 256 --log-dir "$OUT" \
+  --backends none --shards .gpu/shards --no-memory --steps 60 --warmup 20 --log-every 10 --batch 256 --log-dir "$OUT" \
   --override data.num_workers=14 --override data.samples_per_epoch=100000 --override parallel.compile=true \
   --override parallel.compile_scope=pass
 stage step_bf16 80 python3 bench/bench_step.py --device cuda --dtype bf16 --naive-dtype bf16 --batch 64 --repeats 10
 stage compile 150 python3 bench/bench_train.py --device cuda --dtype bf16 --presets base --nproc 1 \
-  --backends fsdp2 --shards .gpu/shards --no-memory --steps 30 --warmup 10 --log-dir "$OUT" \
+  --backends fsdp2 --shards .gpu/shards --no-memory --steps 30 --warmup 10 --log-every 10 --log-dir "$OUT" \
   --override data.num_workers=6 --override parallel.compile=true
 
 echo "== summary ($(( SECONDS - START ))s)"
