@@ -88,6 +88,7 @@ stage compile 150 python3 bench/bench_train.py --device cuda --dtype bf16 --pres
   --override data.num_workers=6 --override parallel.compile=true
 
 echo "== summary ($(( SECONDS - START ))s)"
+grep -E "^== |MFU |device busy|host syncs|^ +[0-9]+x " "$OUT/profile.log"
 for f in step_fp16 step_compile step_bf16; do grep -E "^model=|speed-up|achieved|step time|loss " "$OUT/$f.log"; done
 grep -E "^\| base|MFU peak|FAILED" "$OUT/train.log" "$OUT/compile.log" "$OUT/loader_long.log"
 for f in "$OUT"/resume_checkpoints_*.txt; do [ -f "$f" ] && echo "$f:" && cat "$f"; done

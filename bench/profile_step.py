@@ -12,7 +12,8 @@ per configuration variant:
   peak memory;
 * device-busy % = summed kernel time per step / the unprofiled back-to-back step time (the
   baseline: 100 % means the step is kernel-bound; the rest is the device waiting for the host);
-* kernel time by kind (GEMM, attention, elementwise / other, copies) and the top kernels.
+* kernel time by kind (GEMM, attention, elementwise / other, copies) and the top kernels;
+* on CUDA, the host synchronisations per step and where they come from (sync debug mode).
 
 Each variant (a list of dotted overrides, e.g. `parallel.compile=true` or `data.batch_size=128`)
 runs in its own process so compile caches and memory do not leak between them.
@@ -66,7 +67,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                  "logging.wandb=false", "logging.image_every=0", "checkpoint.every_steps=0",
                  "checkpoint.every_minutes=0", "export_on_finish=false", "data.num_workers=1",
                  "data.samples_per_epoch=100000",  # a few real clips are enough: two batches are kept
-                 f"run_dir={args.run_dir}", f"total_steps={args.warmup + 2 * args.steps + args.profile_steps + 1}"]
+                 f"run_dir={args.run_dir}", f"total_steps={args.warmup + 2 * args.steps + args.profile_steps + args.sync_steps + 1}"]
     if args.device == "cuda":
         overrides.append("parallel.mixed_precision=bf16")
     variant = (args.variant or [""])[-1]
@@ -126,6 +127,30 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "peak_source": source,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
 
+    def host_syncs(n: int) -> dict[str, Any]:
+        """CUDA: n steps under torch's sync debug mode. Each operation that makes the host wait for
+        the GPU (`.item()`, a copy to pageable memory, `nonzero`, ...) warns; counted per call site.
+        The guard's deliberate one-step-late read is an event wait, not an operation: not counted."""
+        if device.type != "cuda" or n == 0:
+            return {}
+        import warnings
+        from collections import Counter
+
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for _ in range(n):
+                    trainer.train_step(stream)
+                sync()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        sites = Counter(f"{Path(w.filename).name}:{w.lineno} {str(w.message).splitlines()[0][:70]}"
+                        for w in caught if "synchroniz" in str(w.message))
+        return {"host_syncs_per_step": sum(sites.values()) / n, "sync_sites": sites.most_common(args.top)}
+
+    result.update(host_syncs(args.sync_steps))
+
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync()
     start = time.perf_counter()
@@ -177,6 +202,10 @@ def report(r: dict[str, Any]) -> None:
         print(f"   device busy {r['device_busy_pct']:.1f} %: kernels {sum(r['kernel_s_per_step'].values()) * 1e3:.1f} ms"
               f" of the {r['step_s'] * 1e3:.1f} ms step ({r['kernel_launches_per_step']:.0f} kernels/step; profiled"
               f" step {r['profiled_step_s'] * 1e3:.1f} ms)")
+    if "host_syncs_per_step" in r:
+        print(f"   host syncs per step (torch.cuda.set_sync_debug_mode): {r['host_syncs_per_step']:.1f}")
+        for site, count in r["sync_sites"]:
+            print(f"     {count:4d}x {site}")
     for kind, seconds in r["kernel_s_per_step"].items():
         print(f"   {kind:<18} {seconds * 1e3:8.2f} ms/step")
     for name, seconds in r["top_kernels"]:
@@ -195,6 +224,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--sync-steps", type=int, default=2, help="CUDA: steps run under the sync debug mode")
     ap.add_argument("--variant", action="append", default=None,
                     help="space-separated dotted overrides; repeat for several variants ('' = the preset)")
     ap.add_argument("--json", default="", help="also write the results here")
@@ -209,7 +239,8 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as run_dir:
             cmd = [sys.executable, __file__, "--child", f"--variant={variant}", "--run-dir", run_dir,
                    *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                     if k in ("shards", "preset", "device", "batch", "warmup", "steps", "profile_steps", "top")]]
+                     if k in ("shards", "preset", "device", "batch", "warmup", "steps", "profile_steps", "top",
+                              "sync_steps")]]
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
