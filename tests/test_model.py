@@ -187,6 +187,15 @@ def test_patch_projection_is_the_official_convolution(channels: int, height: int
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
+def test_patch_projection_refuses_what_is_not_a_patch_embedding() -> None:
+    from tgdp.models.cavmae import PatchProjection
+
+    with pytest.raises(ValueError, match="stride must equal kernel_size"):
+        PatchProjection(3, 32, kernel_size=16, stride=8)
+    with pytest.raises(ValueError, match="padding"):
+        PatchProjection(3, 32, kernel_size=16, stride=16, padding=1)
+
+
 def test_mae_loss_and_norm_pix(tiny: CAVMAE, batch) -> None:  # oracle 10
     audio, frames = batch
     target_a, target_v = tiny.mae_targets(audio, frames, norm_pix=True)

@@ -67,6 +67,23 @@ def test_settle_stops_at_the_limit_and_drops_the_frozen_steps_behind_it():
     assert guard.streak == 2
 
 
+def test_gate_optimizer_skips_a_fused_adamw_step_bitwise_and_refuses_others():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    fused = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    model(torch.randn(2, 4)).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    NonFiniteGuard.gate_optimizer(fused, torch.tensor(0.0))
+    fused.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    assert all(float(s["step"]) == 0 for s in fused.state.values())
+    NonFiniteGuard.gate_optimizer(fused, torch.tensor(1.0))
+    fused.step()
+    assert not torch.equal(model.weight, before[0])  # control: an applied step moves the weights
+    with pytest.raises(ValueError, match="fused AdamW"):
+        NonFiniteGuard.gate_optimizer(torch.optim.AdamW(model.parameters()), torch.tensor(1.0))
+
+
 def test_gated_ema_is_bitwise_the_ungated_update_or_nothing():
     torch.manual_seed(0)
     teacher = [torch.randn(7, 5), torch.randn(3)]

@@ -89,6 +89,14 @@ class NonFiniteGuard:
         self._device_streak = torch.where(applied > 0, torch.zeros_like(self._device_streak), self._device_streak + 1)
         return applied
 
+    @staticmethod
+    def gate_optimizer(optimizer: torch.optim.Optimizer, applied: torch.Tensor) -> None:
+        """Make the optimizer's next step honour a device verdict: torch's fused kernels skip the
+        update (parameters, moments, step counts) where `found_inf` is 1, the hook GradScaler sets."""
+        if not supports_device_skip(optimizer):
+            raise ValueError("the device-side guard needs torch's fused AdamW (optim.fused=true)")
+        optimizer.found_inf = 1.0 - applied
+
     # ------------------------------------------------------------------ bookkeeping
     def record(self, step: int, applied: bool | torch.Tensor) -> None:
         """Note step `step`'s outcome; a device flag is copied to the host without waiting."""

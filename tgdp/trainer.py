@@ -443,20 +443,20 @@ class Trainer:
             norm = torch.tensor(float("nan") if ds_norm is None else float(ds_norm))
             if applied:
                 task.update_teacher(step)
-        elif self.guard.mode == "device":
-            norm = _global_grad_norm(list(task.student.parameters()), cfg.optim.grad_clip)
-            applied = self.guard.decide_on_device(losses + [norm])
-            self.optimizer.found_inf = 1.0 - applied  # fused AdamW: 1 leaves params, moments and counts as they were
-            P.optimizer_step(self.wrapped, self.optimizer)
-            task.update_teacher(step, gate=applied)
         else:
             norm = _global_grad_norm(list(task.student.parameters()), cfg.optim.grad_clip)
-            applied = self.guard.decide_on_host(losses + [norm])  # the step's one host sync
-            if applied:
+            if self.guard.mode == "device":
+                applied = self.guard.decide_on_device(losses + [norm])
+                self.guard.gate_optimizer(self.optimizer, applied)
                 P.optimizer_step(self.wrapped, self.optimizer)
-                task.update_teacher(step)
-            else:  # a non-finite norm made the clip scale the gradients by NaN: drop them
-                self.optimizer.zero_grad(set_to_none=True)
+                task.update_teacher(step, gate=applied)
+            else:
+                applied = self.guard.decide_on_host(losses + [norm])  # the step's one host sync
+                if applied:
+                    P.optimizer_step(self.wrapped, self.optimizer)
+                    task.update_teacher(step)
+                else:  # a non-finite norm made the clip scale the gradients by NaN: drop them
+                    self.optimizer.zero_grad(set_to_none=True)
         self.guard.record(step + 1, applied)
         return out, StepResult(sums, norm, applied, cfg.task)
 

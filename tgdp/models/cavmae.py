@@ -27,7 +27,7 @@ Methods other than `forward` that FSDP2 must hook are listed in `FSDP_FORWARD_ME
 from __future__ import annotations
 
 import re
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -70,6 +70,13 @@ class PatchProjection(nn.Conv2d):
     and MAE checkpoints hold, and ZeRO-3 still gathers the weight through this module's call.
     Like the convolution, rows / columns beyond the last whole patch are ignored.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.stride != self.kernel_size or self.padding != (0, 0) or self.dilation != (1, 1) or self.groups != 1:
+            raise ValueError(f"PatchProjection is a patch embedding: stride must equal kernel_size, no padding, "
+                             f"dilation or groups (got kernel {self.kernel_size}, stride {self.stride}, padding "
+                             f"{self.padding}, dilation {self.dilation}, groups {self.groups})")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape

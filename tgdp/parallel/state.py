@@ -90,6 +90,8 @@ def ema_update_(pairs: list[tuple[Tensor, Tensor]], momentum: float, gate: Optio
     tgdp/nonfinite.py): the weight becomes gate * (1 - m), so a skipped step leaves the teacher
     bitwise unchanged without the host reading the verdict. lerp with a 1-element tensor weight
     is the same formula as with a scalar, so an applied step is bitwise the ungated update.
+    Cost: `_foreach_lerp_` has no fast path for a tensor weight, so this queues one small kernel
+    per parameter (up to 650 at base) instead of a few; the host does not wait for any of them.
     """
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
