@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -117,6 +118,9 @@ def init_distributed(*, init_method: Optional[str] = None, device: Optional[str]
                                       "accelerate launch, or pass init_method='file://...'")
                 init_method = "env://"
             dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout)
+    # Once per rank: which host holds which rank is the first question when one node misbehaves.
+    log.info("rank %d of %d: local rank %d of %d on host %s, device %s", rank, world, local_rank, local_world,
+             socket.gethostname(), dev)
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world, device=dev)
 
 
@@ -137,6 +141,8 @@ def device_mesh(cfg: ParallelConfig, env: DistEnv) -> DeviceMesh:
     key = (env.device.type, shape)
     if key not in env._meshes:
         env._meshes[key] = init_device_mesh(env.device.type, shape, mesh_dim_names=names)
+        if env.is_main:
+            log.info("device mesh %s: %s", dict(zip(names, shape)), env._meshes[key].mesh.tolist())
     return env._meshes[key]
 
 
