@@ -271,7 +271,7 @@ class Trainer:
             del state["engine"]
             log.warning("%s was written without a DeepSpeed engine (backend changed on resume): weights, "
                         "teacher and AdamW state load by name; DeepSpeed's step counters restart", latest.name)
-        result = self.ckpt.load(latest, state)
+        result = self.ckpt.load(latest, state, verify=True)  # refuses a load that differs from the save
         self.step = int(state["trainer"]["step"])
         self.guard.streak = int(state["trainer"]["nonfinite_streak"])
         data_state = result.rank_state if result.rank_state is not None else result.rank0_state

@@ -31,6 +31,11 @@ class CheckpointConfig:
     # Also write step_<N>/model.safetensors: the gathered student + teacher weights (keys
     # `student.` / `teacher.`), readable without torch.distributed, for eval and for sharing.
     export_safetensors: bool = True
+    # Record an exact, sharding-independent fingerprint of every saved entry in meta.json and check
+    # it when a run resumes (tgdp/checkpoint/fingerprint.py): a resume on another world size or
+    # backend that would load different values stops with an error instead. One pass over the
+    # state per save and per resume.
+    fingerprint: bool = True
 
     def validate(self) -> None:
         def need(ok: bool, message: str) -> None:

@@ -32,6 +32,7 @@ from tgdp.checkpoint.comm import Collectives
 from tgdp.checkpoint.config import CheckpointConfig
 from tgdp.checkpoint.export import gather_full_state_dicts, write_safetensors
 from tgdp.checkpoint.files import fsync_dir, read_json, remove_tree, write_json_durably
+from tgdp.checkpoint.fingerprint import fingerprint
 from tgdp.checkpoint.safety import SafeFileSystemReader, SafeLoadPlanner, read_dcp_metadata
 from tgdp.checkpoint.stateful import ModelState
 from tgdp.models.interop import CheckpointError, UnsafeCheckpointError
@@ -157,6 +158,7 @@ class CheckpointManager:
         except Exception as exc:
             err = exc
         self._agree(err, "collecting the state for", tmp, step)
+        fingerprints = self._fingerprint(states) if self.cfg.fingerprint else None
 
         err = None
         try:
@@ -172,7 +174,7 @@ class CheckpointManager:
         err = None
         if self.rank == 0:
             try:
-                self._commit(step, tmp, final, sorted(app_state), extra_json)
+                self._commit(step, tmp, final, sorted(app_state), extra_json, fingerprints)
             except Exception as exc:
                 err = exc
         self._agree(err, "committing", tmp, step)
@@ -187,12 +189,15 @@ class CheckpointManager:
                 log.warning("pruning %s failed: %s", self.root, _short(exc))
         return final
 
-    def _commit(self, step: int, tmp: Path, final: Path, names: list[str], extra: dict[str, Any]) -> None:
+    def _commit(self, step: int, tmp: Path, final: Path, names: list[str], extra: dict[str, Any],
+                fingerprints: dict[str, str] | None) -> None:
         now = time.time()
         meta = {"format": L.FORMAT, "version": L.FORMAT_VERSION, "step": step, "world_size": self.world_size,
                 "saved_at": now, "saved_at_utc": datetime.fromtimestamp(now, timezone.utc).isoformat(),
                 "torch": torch.__version__, "app_state": names,
                 "export": L.EXPORT_FILE if (tmp / L.EXPORT_FILE).is_file() else None, "extra": extra}
+        if fingerprints is not None:
+            meta["fingerprint"] = fingerprints
         write_json_durably(tmp / L.META_FILE, meta)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file() and p.name != L.COMPLETE_FILE}
         write_json_durably(tmp / L.COMPLETE_FILE, {"step": step, "files": files})
@@ -282,11 +287,12 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ load
     def resume(self, app_state: Mapping[str, Any], restore_rng: bool = True) -> LoadResult | None:
-        """`load(latest())`, or None for a fresh run. Collective."""
+        """`load(latest(), verify=True)`, or None for a fresh run. Collective."""
         path = self.latest()
-        return None if path is None else self.load(path, app_state, restore_rng=restore_rng)
+        return None if path is None else self.load(path, app_state, restore_rng=restore_rng, verify=True)
 
-    def load(self, path: str | os.PathLike, app_state: Mapping[str, Any], restore_rng: bool = True) -> LoadResult:
+    def load(self, path: str | os.PathLike, app_state: Mapping[str, Any], restore_rng: bool = True,
+             verify: bool = False) -> LoadResult:
         """Load `path` into `app_state` in place (Modules, Statefuls, dicts of tensors). Collective.
 
         Models and optimizers reshard: a checkpoint from W ranks loads on any number of ranks,
@@ -296,6 +302,9 @@ class CheckpointManager:
         RNG states are restored (`restore_rng`); otherwise `rank_state` is None and a note says
         so. The .metadata pickle is read with the restricted unpickler, non-tensor values with
         weights_only=True: a tampered checkpoint raises UnsafeCheckpointError, running nothing.
+        verify: recompute the fingerprint (tgdp/checkpoint/fingerprint.py) of every loaded entry the
+        checkpoint recorded one for, and raise CheckpointError if any differs from the saved one
+        (training resumes verify; a partial load into other dtypes, e.g. for eval, need not).
         """
         path = Path(path)
         self._rank0_check(lambda: self._validate(path, app_state))
@@ -312,6 +321,10 @@ class CheckpointManager:
             raise CheckpointError(f"loading {path} into {sorted(app_state)} failed: {_short(causes[0])}") from exc
 
         notes: list[str] = []
+        if verify and meta.get("fingerprint"):
+            verified = self._verify_fingerprint(path, app_state, meta["fingerprint"])
+            if self.rank == 0:
+                log.info("checkpoint %s: %s", path.name, verified)
         if saved_world != self.world_size:
             notes.append(f"world size changed {saved_world} -> {self.world_size}: models and optimizer were "
                          "resharded; per-rank data state follows the loader's on_layout_change policy")
@@ -333,6 +346,23 @@ class CheckpointManager:
                           saved_world_size=saved_world, rank_state=None if rank_file is None else rank_file["state"],
                           rank0_state=None if rank0 is None else rank0["state"], rng_restored=rng_restored,
                           notes=notes)
+
+    def _fingerprint(self, states: Mapping[str, Any]) -> dict[str, str]:
+        return fingerprint(states, self._comm._device() if self._comm.active else None)
+
+    def _verify_fingerprint(self, path: Path, app_state: Mapping[str, Any], saved: Mapping[str, str]) -> str:
+        """Collective. The note to log when what was loaded is exactly what was saved; raises otherwise."""
+        names = sorted(name for name in app_state if name in saved)
+        loaded = self._fingerprint({name: _save_view(name, app_state[name]) for name in names})
+        differ = [name for name in names if loaded[name] != saved[name]]
+        if differ:
+            raise CheckpointError(
+                f"{path}: the loaded {differ} differ from what was saved (fingerprints "
+                f"{ {n: saved[n] for n in differ} } saved, { {n: loaded[n] for n in differ} } loaded, on "
+                f"{self.world_size} rank(s)): resuming would silently continue from other weights; "
+                "please report this with the checkpoint's meta.json")
+        return (f"loaded state matches the saved fingerprints ({', '.join(f'{n} {loaded[n]}' for n in names)}) "
+                f"on {self.world_size} rank(s)")
 
     @staticmethod
     def saved_entries(path: str | os.PathLike) -> set[str]:
