@@ -1,10 +1,12 @@
 """Fault injection into the data side with real processes: Slurm's SIGUSR1 reaching the loader's
-decoder processes (as torchrun's and Slurm's do), and a disk that fills up while make_shards
-writes. docs/reliability.md maps every fault to its test."""
+decoder processes (as torchrun's and Slurm's do), a disk that fills up while make_shards
+writes, and a training run over hundreds of damaged shards. docs/reliability.md maps every fault
+to its test."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,9 +14,12 @@ import tarfile
 import textwrap
 
 from tests.conftest import REPO, run_tool
-from tests.fault_tools import fill_disk, finish, process_env, small_disk, wait_until
+from tests.fault_tools import fill_disk, finish, process_env, small_disk, train_one_process, wait_until
 from tests.shard_factory import make_shards
+from tests.tar_fuzz import SAMPLES_PER_SHARD, base_shards, damaged_shards, headers, write_shard_set
+from tgdp.data import sampling as S
 from tgdp.data.format import read_index
+from tgdp.metrics import read_metrics
 
 _LOADER_UNDER_SIGNALS = textwrap.dedent("""
     import signal, sys, time
@@ -87,3 +92,48 @@ def test_make_shards_on_a_full_disk_keeps_finished_shards_and_resumes(tmp_path):
         keys = [n.split(".")[0] for s in index.shards for n in tarfile.open(out_dir / s.name).getnames()]
         assert len(set(keys)) == 6  # every clip exactly once
         assert all((out_dir / name).read_bytes() == data for name, data in finished.items())
+
+
+def _issue_shard() -> bytes:
+    """The shard of the bug report: one damaged length digit in a PAX record (`00 comment=...`),
+    which made the reader loop forever."""
+    data = bytearray(base_shards()["pax_long"])
+    at = next(at for at, kind, _ in headers(bytes(data)) if kind == b"x") + 512  # the first PAX payload
+    digits = data.index(b" comment=", at)
+    start = data.rfind(b"\n", at, digits) + 1 or at  # where that record's length begins
+    data[start:digits] = b"0" * (digits - start)
+    return bytes(data)
+
+
+def test_training_streams_every_damaged_shard_and_counts_the_damage(tmp_path):
+    """The 530 damaged shards of tests/tar_fuzz.py and the bug report's shard, one folder, one
+    epoch-mode epoch of a real tiny-preset run (one process, one decoder process): the run ends,
+    every step trains, and every shard the reader refuses or finds short is logged as a shard
+    problem and counted; every skipped sample too."""
+    root = tmp_path / "shards"
+    paths = write_shard_set(root, [("issue-00-comment", _issue_shard()), *damaged_shards(seed=16)])
+    damaged = set()  # what the reader says of each shard on its own
+    for path in paths:
+        stats = S.StreamStats(S.WorkerResume())
+        for _ in S.read_shard(str(path), SAMPLES_PER_SHARD, stats):
+            pass
+        if stats.shard_errors:
+            damaged.add(str(path))
+    batch = 16
+    steps = len(paths) * SAMPLES_PER_SHARD // batch  # one epoch: the stream reads every shard
+    run = tmp_path / "run"
+    proc = train_one_process(["--config", "tiny", "--shards", str(root), "--steps", str(steps), "--run-dir", str(run),
+                              "logging.wandb=false", "logging.log_every=1", "logging.image_every=0",
+                              "parallel.backend=none", "data.mode=epoch", "data.num_frames=2", "data.eval_frame=0",
+                              f"data.batch_size={batch}", "checkpoint.every_steps=0", "export_on_finish=false"],
+                             timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    records = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    assert all(r["train/step_applied"] == 1.0 for r in records)
+    problems = re.findall(r"shard problem shard=(\S+?): ", out)
+    assert set(problems) == damaged and str(root / "issue-00-comment.tar") in damaged
+    assert len(damaged) >= 300, len(damaged)
+    assert records[-1]["data/shard_errors"] == len(problems)
+    assert records[-1]["data/skipped"] == out.count("skipped corrupt sample key=") > 0
