@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # run as a file (accelerate / torchrun): make `tg
 
 from tgdp.checkpoint import CheckpointSaveError, find_latest_complete  # noqa: E402
 from tgdp.config import ConfigError, parse_cli, to_yaml  # noqa: E402
+from tgdp.data.loader import ShardLoader  # noqa: E402
 from tgdp.data.sampling import load_shard_set  # noqa: E402
 from tgdp.trainer import NonFiniteStop, TrainConfig, Trainer  # noqa: E402
 
@@ -56,7 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except ConfigError as exc:  # a rule that needs the launched processes (e.g. hsdp's shard group size)
+        print(f"train.py: error: {exc}", file=sys.stderr)
+        return 2
     agreed_end = False  # every rank ends here together (finished, stopped, or the shared non-finite stop)
     try:
         if trainer.env.rank == 0:
@@ -95,6 +100,10 @@ def check_paths(cfg: TrainConfig) -> None:
         load_shard_set(cfg.data.shards)  # reads only the index.json files
     except (OSError, ValueError) as exc:
         raise ConfigError(f"data.shards={cfg.data.shards!r}: {exc}") from exc
+    # The epoch's batches per rank and, in epoch mode, enough shards for every rank's decoders:
+    # the loader's own checks, for the world size the launcher started (no process starts here).
+    world = os.environ.get("WORLD_SIZE", "")
+    ShardLoader(cfg.data, 0, int(world) if world.isdigit() and int(world) > 0 else 1)
     for field in ("mae_checkpoint", "official_checkpoint"):
         path = getattr(cfg.init, field)
         if path and not Path(path).is_file():

@@ -31,6 +31,7 @@ from tgdp.eval.periodic import PeriodicEvalConfig, PeriodicRetrieval
 from tgdp.metrics import LoggingConfig, MetricLogger, Throughput, peak_flops
 from tgdp.models.config import ModelConfig
 from tgdp.models.interop import load_mae, load_official
+from tgdp.models.masking import num_kept
 from tgdp.nonfinite import GUARD_MODES, NonFiniteGuard, NonFiniteStop, supports_device_skip
 from tgdp.optim import OptimConfig, build_optimizer, lr_schedule, set_lr
 from tgdp.task import TaskConfig, TGDPTask, flops_per_sample
@@ -106,6 +107,20 @@ class TrainConfig:
                               f"{self.grad_accum}, got {self.inject_nonfinite_micro}")
         if self.init.mae_checkpoint and self.init.official_checkpoint:
             raise ConfigError("set at most one of init.mae_checkpoint and init.official_checkpoint")
+        t = self.task
+        if t.uses_teacher and not m.cls_token:
+            raise ConfigError("task.mode=tgdp needs model.cls_token=true: the teacher ranks patches by their attention to "
+                              "the CLS token and distils its CLS vector (or use task.mode=dual / single)")
+        ratios = [("task.recon_mask_ratio", t.recon_mask_ratio)]
+        if t.mode != "single":  # the schedules run from the first value to the last
+            ratios.append(("task.contrastive_mask_ratio", t.contrastive_mask_ratio))
+            if t.contrastive_mask_schedule != "constant":
+                ratios.append(("task.contrastive_mask_ratio_end", t.contrastive_mask_ratio_end))
+        for name, ratio in ratios:
+            for modality, patches in (("audio", m.num_patches_a), ("video", m.num_patches_v)):
+                if num_kept(patches, ratio) < 1:
+                    raise ConfigError(f"{name}={ratio} keeps no {modality} patch of the {patches} the model has "
+                                      "(model.audio_frames / image_size / patch_size): lower the ratio")
 
 
 class StopRequested:
