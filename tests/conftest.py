@@ -52,3 +52,17 @@ def corpus_shards(corpus, tmp_path_factory) -> Path:
     run_tool("make_shards.py", "--input", corpus, "--output", out, "--workers", "2", "max_samples_per_shard=4",
              "progress=false")
     return out
+
+
+@pytest.fixture(scope="session")
+def slurm() -> None:
+    """The real local Slurm cluster every Slurm test shares (tests/slurm_tools.py)."""
+    from tests.slurm_tools import start_cluster
+
+    start_cluster()
+
+
+@pytest.fixture(scope="session")
+def slurm_shards(tmp_path_factory) -> Path:
+    """16 four-second clips in 4 shards: enough for 4 ranks (tiny preset, virtual epochs)."""
+    return synthetic_shards(tmp_path_factory.mktemp("slurm_data"), num_clips=16, duration=4.0)

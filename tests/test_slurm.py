@@ -1,182 +1,46 @@
 """The cluster launchers against REAL Slurm daemons on this machine (slurm/local_cluster.sh): real
-sbatch / submitit jobs, real time-limit signals, real requeues, real video files.
-
-Time limits are minutes in Slurm, and its controller checks them every 30 s, so a plain short
-limit would signal a job somewhere in a ~20 s window whose position in the run depends on the
-machine's load. The tests therefore start each interrupted job with a long limit and, once it has
-trained `TRIGGER_STEP` steps, SHORTEN its limit the way an administrator would (`scontrol update
-TimeLimit`): Slurm itself then sends the warning signal (`--signal ...@90`) at its next check,
-0-30 s later, and kills the job at the limit if it did not stop. After the requeue the limit is
-raised again, as for a job whose next segment gets a full allocation.
+sbatch / submitit jobs, real time-limit signals, real requeues, real video files. The jobs here
+ask for one node of the shared test cluster; test_multinode.py runs jobs across its nodes.
 
 The three training jobs (uninterrupted reference, sbatch requeue, submitit requeue) run side by
 side; every node-local value (CPUs, python, checkout) comes from the variables the launchers
-document.
+document. How the time-limit drills work: tests/slurm_tools.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
 import tarfile
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from tests.conftest import REPO, synthetic_shards
-from tgdp.metrics import read_metrics
+from tests.conftest import REPO
+from tests.slurm_tools import (CLUSTER, NODES, PRETRAIN, WARN_S, TimeLimitDrill, assert_same_run, job_env,
+                               job_field, run_ids, sacct_states, sbatch, train_args, trained_steps, wait_job_done)
 
-CLUSTER = REPO / "slurm" / "local_cluster.sh"
 STEPS = 150  # per run: after the trigger the signal takes 0-30 s; 3 runs share 2 cores (~2.5 steps/s each)
-TRIGGER_STEP = 15  # shorten the time limit once a job has trained this many steps (checkpoints every 10)
-WARN_S = 90  # --signal lead: with a limit shortened to 61-120 s ahead, due at Slurm's next check
 
 pytestmark = pytest.mark.slow
 
 
-# ------------------------------------------------------------------------------------------ Slurm
-@pytest.fixture(scope="session")
-def slurm() -> None:
-    """A running one-node cluster: started here when needed (CI starts with no daemons).
-
-    Skips with the reason when Slurm cannot be started (not root, not installed), except where
-    TGDP_REQUIRE_SLURM=1 (.ci/run sets it): there a cluster that does not start is a failure.
-    """
-    if subprocess.run(["bash", str(CLUSTER), "status"], capture_output=True).returncode == 0:
-        return
-    proc = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=180)
-    if proc.returncode == 0:
-        return
-    reason = f"no Slurm cluster could be started (bash slurm/local_cluster.sh start): {proc.stderr.strip()[-500:]}"
-    if os.environ.get("TGDP_REQUIRE_SLURM") == "1":
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
 def test_local_cluster_start_is_idempotent(slurm):
-    """`start` on a running cluster changes nothing: same controller process, node still usable."""
+    """`start` on a running cluster changes nothing: same controller process, nodes still usable."""
     pid_file = Path("/run/tgdp-slurm/slurmctld.pid")
     before = pid_file.read_text() if pid_file.exists() else None
     started = time.time()
-    proc = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(["bash", str(CLUSTER), "start", "--nodes", str(NODES)], capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert time.time() - started < 10 and (pid_file.read_text() if pid_file.exists() else None) == before
-    assert subprocess.run(["bash", str(CLUSTER), "status"]).returncode == 0
-
-
-def job_env(**extra: str) -> dict[str, str]:
-    """What a user sets before sbatch: this checkout, this interpreter, offline wandb."""
-    return {**os.environ, "PYTHONPATH": str(REPO), "TGDP_REPO": str(REPO), "TGDP_PYTHON": sys.executable,
-            "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", **extra}
-
-
-def sbatch(args: list[str], cwd: Path, env: dict[str, str]) -> str:
-    proc = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip().split(";")[0]
-
-
-def job_field(job: str, name: str) -> str:
-    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
-    m = re.search(rf"\b{name}=(\S+)", out)
-    return m.group(1) if m else ""
-
-
-def sacct_states(job: str) -> list[str]:
-    """Every segment's state, oldest first (-D: requeued segments too)."""
-    out = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "JobID,State", "-j", job],
-                         capture_output=True, text=True).stdout
-    return [line.split("|")[1] for line in out.splitlines() if line.split("|")[0] == job]
-
-
-def wait_job_done(job: str, timeout: float) -> str:
-    """Wait until the job (all its requeues) ended; its final state."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        state = job_field(job, "JobState")
-        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"):
-            return state
-        time.sleep(1)
-    subprocess.run(["scancel", job])
-    raise AssertionError(f"job {job} did not finish in {timeout} s (state {job_field(job, 'JobState')})")
-
-
-def trained_steps(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    steps = [0]
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                steps.append(int(json.loads(line).get("step", 0)))
-            except (json.JSONDecodeError, ValueError, TypeError):
-                pass  # a line being written
-    return max(steps)
-
-
-@dataclass
-class TimeLimitDrill:
-    """Background thread: at `TRIGGER_STEP` shorten the job's limit so Slurm's warning signal is
-    due; once the job was requeued give it a long limit again (module docstring)."""
-
-    run_dir: Path
-    job: str = ""
-    events: list[str] = field(default_factory=list)
-    error: str = ""
-
-    def start(self) -> "TimeLimitDrill":
-        threading.Thread(target=self._run, daemon=True).start()
-        return self
-
-    def _run(self) -> None:
-        try:
-            deadline = time.time() + 600
-            while not self.job or trained_steps(self.run_dir) < TRIGGER_STEP:
-                if time.time() > deadline:
-                    raise TimeoutError(f"step {TRIGGER_STEP} not reached")
-                time.sleep(0.3)
-            elapsed = _seconds(job_field(self.job, "RunTime"))
-            limit_min = (elapsed + 61 + 59) // 60  # minutes (Slurm's unit): 61-120 s from now
-            subprocess.run(["scontrol", "update", f"JobId={self.job}", f"TimeLimit={limit_min}"], check=True)
-            self.events.append(f"limit {limit_min} min at {elapsed} s, step {trained_steps(self.run_dir)}")
-            while int(job_field(self.job, "Restarts") or 0) < 1:
-                if time.time() > deadline:
-                    raise TimeoutError("the job was never requeued")
-                time.sleep(0.3)
-            subprocess.run(["scontrol", "update", f"JobId={self.job}", "TimeLimit=10"], check=True)
-            self.events.append("requeued; limit 10 min")
-        except Exception as exc:  # noqa: BLE001 - reported by the test that waits for this job
-            self.error = f"{type(exc).__name__}: {exc}"
-
-
-def _seconds(slurm_time: str) -> int:
-    days, _, hms = slurm_time.rpartition("-")
-    parts = [int(p) for p in hms.split(":")]
-    while len(parts) < 3:
-        parts.insert(0, 0)
-    return int(days or 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
-
-
-# ------------------------------------------------------------------------------------------ data
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    """16 four-second clips in 4 shards: enough for 2 ranks (tiny preset, virtual epochs)."""
-    return synthetic_shards(tmp_path_factory.mktemp("slurm_data"), num_clips=16, duration=4.0)
-
-
-def train_args(shards: Path, run_dir: Path) -> list[str]:
-    return ["--config", "tiny", "--shards", str(shards), "--run-dir", str(run_dir), "--steps", str(STEPS),
-            "logging.wandb=false", "logging.log_every=1", "logging.image_every=0", "data.batch_size=4",
-            # decode in the rank: 3 runs x 2 ranks share 2 cores, and worker start-up is the costliest part
-            "data.num_workers=0", "checkpoint.every_steps=10"]
+    assert subprocess.run(["bash", str(CLUSTER), "status", "--nodes", str(NODES)]).returncode == 0
+    # status checks the node count too: a 3-node cluster is not what is running
+    assert subprocess.run(["bash", str(CLUSTER), "status", "--nodes", "3"]).returncode != 0
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -190,28 +54,28 @@ class Training:
     submitit_drill: TimeLimitDrill
 
 
-PRETRAIN = str(REPO / "slurm" / "pretrain.sbatch")
 # 2 CPU ranks per node through accelerate's CPU launch config (gloo).
 PRETRAIN_ENV = {"TGDP_PROCS_PER_NODE": "2", "TGDP_ACCELERATE_CONFIG": "ds_configs/cpu_fsdp2.yaml"}
 
 
 @pytest.fixture(scope="module")
-def training(slurm, shards, tmp_path_factory) -> Training:
+def training(slurm, slurm_shards, tmp_path_factory) -> Training:
     """Start the three runs side by side: the reference (sbatch, a limit it never reaches), the
     sbatch run whose limit is shortened, and the submitit run whose limit is shortened."""
     root = tmp_path_factory.mktemp("slurm_train")
     env = job_env(**PRETRAIN_ENV)
-    reference = sbatch(["--cpus-per-task=2", "--time=10", PRETRAIN, *train_args(shards, root / "reference")],
+    shards = slurm_shards
+    reference = sbatch(["--cpus-per-task=2", "--time=10", PRETRAIN, *train_args(shards, root / "reference", STEPS)],
                        root, env)
     sbatch_job = sbatch(["--cpus-per-task=2", "--time=10", f"--signal=B:USR1@{WARN_S}", PRETRAIN,
-                         *train_args(shards, root / "sbatch")], root, env)
+                         *train_args(shards, root / "sbatch", STEPS)], root, env)
     sbatch_drill = TimeLimitDrill(root / "sbatch", sbatch_job).start()
 
     submitit_drill = TimeLimitDrill(root / "submitit")
     launcher = subprocess.Popen(
         [sys.executable, "-m", "tgdp.launch", "--gpus-per-node", "0", "--procs-per-node", "2", "--cpus-per-task", "1",
          "--time-min", "10", "--signal-delay-s", str(WARN_S), "--max-requeues", "5", "--wait", "--poll-s", "2", "--",
-         *train_args(shards, root / "submitit")],
+         *train_args(shards, root / "submitit", STEPS)],
         cwd=root, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in launcher.stdout:  # until the job id is known; the rest is read when it ends
@@ -227,21 +91,6 @@ def training(slurm, shards, tmp_path_factory) -> Training:
     launcher.kill()
 
 
-def assert_same_run(a: Path, b: Path) -> None:
-    """Bitwise the same consolidated weights (student + teacher) and the same logged losses."""
-    wa, wb = load_file(a / "export" / "model.safetensors"), load_file(b / "export" / "model.safetensors")
-    assert wa.keys() == wb.keys() and any(k.startswith("teacher.") for k in wa)
-    for key in wa:
-        assert torch.equal(wa[key], wb[key]), key
-    losses = lambda run: [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl")]  # noqa: E731
-    assert losses(a) == losses(b) and len(losses(a)) == STEPS
-
-
-def run_ids(run_dir: Path) -> set[str]:
-    starts = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"event"' in line]
-    return {s["run_id"] for s in starts if s.get("event") == "start"}
-
-
 def test_pretrain_sbatch_signal_checkpoint_requeue_resume_is_bitwise_exact(training):
     t = training
     assert wait_job_done(t.sbatch_job, 480) == "COMPLETED", t.sbatch_drill.events
@@ -253,7 +102,7 @@ def test_pretrain_sbatch_signal_checkpoint_requeue_resume_is_bitwise_exact(train
     assert sacct_states(t.sbatch_job)[:1] == ["REQUEUED"] and sacct_states(t.sbatch_job)[-1] == "COMPLETED"
     assert wait_job_done(t.reference, 300) == "COMPLETED"
     assert int(job_field(t.reference, "Restarts")) == 0
-    assert_same_run(t.root / "reference", t.root / "sbatch")
+    assert_same_run(t.root / "reference", t.root / "sbatch", STEPS)
     assert len(run_ids(t.root / "sbatch")) == 1  # one wandb run across the requeue
 
 
@@ -270,17 +119,17 @@ def test_submitit_timeout_requeue_resume_is_bitwise_exact(training):
     assert wait_job_done(job, 60) == "COMPLETED"  # the launcher returns on the result file, before sacct agrees
     assert sacct_states(job)[:1] == ["REQUEUED"] and sacct_states(job)[-1] == "COMPLETED"
     assert wait_job_done(t.reference, 300) == "COMPLETED"
-    assert_same_run(t.root / "reference", t.root / "submitit")
+    assert_same_run(t.root / "reference", t.root / "submitit", STEPS)
     assert len(run_ids(t.root / "submitit")) == 1
 
 
 # ------------------------------------------------------------------------------------------ the rest
-def test_submitit_job_killed_by_scancel_is_reported_failed(slurm, shards, tmp_path):
+def test_submitit_job_killed_by_scancel_is_reported_failed(slurm, slurm_shards, tmp_path):
     """A job cancelled outright (no signal handling, no result file) ends the waiting launcher with
     an error at once; it is not waited on forever."""
     launcher = subprocess.Popen(
         [sys.executable, "-m", "tgdp.launch", "--gpus-per-node", "0", "--procs-per-node", "2", "--cpus-per-task", "1",
-         "--time-min", "10", "--wait", "--poll-s", "1", "--", *train_args(shards, tmp_path / "run"), "--steps", "5000"],
+         "--time-min", "10", "--wait", "--poll-s", "1", "--", *train_args(slurm_shards, tmp_path / "run", 5000)],
         cwd=tmp_path, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     job = ""
     for line in launcher.stdout:
