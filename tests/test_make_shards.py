@@ -13,13 +13,13 @@ import tarfile
 import time
 from pathlib import Path
 
-import av
 import numpy as np
 import soundfile as sf
 import torch
 import webdataset as wds
 from PIL import Image
 
+from tests.cavmae_factory import write_cavmae_dataset
 from tests.conftest import REPO, run_tool
 from tgdp.data import audio as A
 from tgdp.data.format import decode_fbank, read_index
@@ -208,32 +208,8 @@ def test_resume_after_sigkill_matches_uninterrupted(corpus, tmp_path):
     assert proc.returncode == 2 and "different make_shards run" in proc.stderr
 
 
-def _extract_cavmae_layout(corpus_manifest: Path, root: Path, n: int = 4) -> Path:
-    """Lay out CAV-MAE pre-extracted data (16 kHz mono wav + frame_k/<id>.jpg) for a few clips."""
-    with open(corpus_manifest) as fh:
-        rows = list(csv.DictReader(fh))[:n]
-    entries = []
-    for row in rows:
-        vid, video = row["key"], corpus_manifest.parent / row["path"]
-        with av.open(str(video)) as c:
-            frames = [f.to_image() for f in c.decode(video=0)]
-        idx = np.linspace(0, len(frames) - 1, 16).astype(int)
-        for k, i in enumerate(idx):
-            (root / "frames" / f"frame_{k}").mkdir(parents=True, exist_ok=True)
-            frames[i].resize((224, 224)).save(root / "frames" / f"frame_{k}" / f"{vid}.jpg")
-        wav = root / "audio" / f"{vid}.wav"
-        wav.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(video), "-vn", "-ar", "16000", "-ac",
-                        "1", str(wav)], check=True)
-        entries.append({"video_id": vid, "wav": str(wav), "video_path": str(root / "frames"), "labels": row["labels"],
-                        "raw_video_path": str(video)})
-    datafile = root / "data.json"
-    datafile.write_text(json.dumps({"data": entries}))
-    return datafile
-
-
 def test_cavmae_json_preextracted_and_raw(corpus, tmp_path):
-    datafile = _extract_cavmae_layout(corpus, tmp_path / "cavmae")
+    datafile = write_cavmae_dataset(corpus, tmp_path / "cavmae", frames=16, limit=4, raw_video_path=True)
     out = tmp_path / "out"
     run_tool("make_shards.py", "--input", datafile, "--output", out, "--workers", "1", "progress=false")
     samples = read_samples(out)

@@ -13,6 +13,8 @@ from torchaudio.compliance import kaldi
 SAMPLE_RATE = 16_000
 NUM_MEL_BINS = 128
 FRAME_SHIFT_MS = 10.0
+HOP_SECONDS = FRAME_SHIFT_MS / 1000.0  # one fbank row every 10 ms
+FRAME_LENGTH_SECONDS = 0.025  # each row covers a 25-ms window (torchaudio's default)
 CLIP_SECONDS = 10.0
 # The reference pads/truncates every clip's fbank to 1024 frames before cutting windows.
 FULL_FRAMES = 1024
@@ -50,9 +52,13 @@ def window_bounds(k: int, num_frames: int, total: int = FULL_FRAMES, length: int
     window inside `[0, total)`. With 16 frames, 1024 and 416: k<=3 -> [0,416), k=4 -> [48,464),
     k=12 -> [560,976), k>=13 -> [608,1024).
     """
+    return window_at(round(k * total / num_frames), total, length)
+
+
+def window_at(centre: int, total: int = FULL_FRAMES, length: int = WINDOW_FRAMES) -> tuple[int, int]:
+    """`[start, end)` of the `length`-row window centred on row `centre`, clamped inside `[0, total)`."""
     if length >= total:
         return 0, total
-    centre = round(k * total / num_frames)
     start = max(0, centre - length // 2)
     end = start + length
     if end > total:

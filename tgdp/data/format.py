@@ -3,9 +3,9 @@
 A sample is a group of tar members sharing a key (WebDataset convention `<key>.<ext>`):
 
     <key>.fbank.npy      float16 [frames, 128] un-normalised Kaldi log-mel (NumPy .npy, no pickle)
-    <key>.frame_00.jpg   16 JPEG frames, short side `frame_size` px (default 224), aspect kept
-    ...
-    <key>.frame_15.jpg
+    <key>.frame_00.jpg   N JPEG frames (16 from video files; what a pre-extracted clip holds, up to
+    ...                  100), short side `frame_size` px (default 224), aspect kept
+    <key>.frame_<N-1>.jpg
     <key>.json           labels and metadata (see `make_meta`)
 
 Plain `webdataset` reads it without tgdp (`wds.WebDataset(url).decode("rgb")`). See docs/data.md.
@@ -17,7 +17,7 @@ import io
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -143,9 +143,12 @@ def make_meta(
     sample_rate: int | None = None,
     channels: int | None = None,
     frame_times: list[float] | None = None,
+    missing_frames: list[int] | None = None,
 ) -> dict[str, Any]:
-    """The per-sample json: labels plus what a user needs to trace a sample to its source."""
-    return {
+    """The per-sample json: labels plus what a user needs to trace a sample to its source.
+    `frame_times` (s) place the `num_frames` frames in the clip; `missing_frames` (only when
+    non-empty) lists the slots k of a pre-extracted clip that had no frame file."""
+    meta = {
         "key": key,
         "video_id": video_id,
         "labels": list(labels),
@@ -161,6 +164,9 @@ def make_meta(
         "channels": channels,
         "frame_times": frame_times,
     }
+    if missing_frames:
+        meta["missing_frames"] = list(missing_frames)
+    return meta
 
 
 # ----------------------------------------------------------------------------- shard index
@@ -175,13 +181,45 @@ class ShardInfo:
     bytes: int
 
 
+@dataclass
+class ContentSummary:
+    """What a shard set holds, for its index: clips per frame count and per label."""
+
+    frame_counts: dict[int, int] = field(default_factory=dict)
+    label_counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, meta: dict[str, Any]) -> None:
+        """Count one sample from its json."""
+        n = int(meta.get("num_frames", NUM_FRAMES))
+        self.frame_counts[n] = self.frame_counts.get(n, 0) + 1
+        for label in meta.get("labels", []):
+            self.label_counts[label] = self.label_counts.get(label, 0) + 1
+
+    def merge(self, other: "ContentSummary") -> None:
+        for n, c in other.frame_counts.items():
+            self.frame_counts[n] = self.frame_counts.get(n, 0) + c
+        for label, c in other.label_counts.items():
+            self.label_counts[label] = self.label_counts.get(label, 0) + c
+
+    def to_json(self) -> dict[str, Any]:
+        return {"frame_counts": {str(n): self.frame_counts[n] for n in sorted(self.frame_counts)},
+                "label_counts": dict(sorted(self.label_counts.items()))}
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> "ContentSummary":
+        return cls({int(n): int(c) for n, c in payload.get("frame_counts", {}).items()},
+                   {str(k): int(c) for k, c in payload.get("label_counts", {}).items()})
+
+
 @dataclass(frozen=True)
 class ShardIndex:
-    """The index beside a shard set: per-shard sample counts and the parameters of the run."""
+    """The index beside a shard set: per-shard sample counts and the parameters of the run.
+    `content` (clips per frame count and per label) is None for indexes that do not record it."""
 
     root: Path
     shards: tuple[ShardInfo, ...]
     params: dict[str, Any]
+    content: ContentSummary | None = None
 
     @property
     def total_samples(self) -> int:
@@ -205,8 +243,10 @@ def write_json_atomic(path: Path, payload: Any) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_index(root: Path, shards: list[ShardInfo], params: dict[str, Any]) -> None:
-    """Write `index.json` and the open_clip-style `sizes.json` beside the shards."""
+def write_index(root: Path, shards: list[ShardInfo], params: dict[str, Any],
+                content: ContentSummary | None = None) -> None:
+    """Write `index.json` (with `frame_counts` / `label_counts` when `content` is known) and the
+    open_clip-style `sizes.json` beside the shards."""
     root = Path(root)
     write_json_atomic(
         root / INDEX_NAME,
@@ -214,6 +254,7 @@ def write_index(root: Path, shards: list[ShardInfo], params: dict[str, Any]) -> 
             "format": FORMAT_VERSION,
             "total_samples": sum(s.samples for s in shards),
             "shards": [{"name": s.name, "samples": s.samples, "bytes": s.bytes} for s in shards],
+            **(content.to_json() if content is not None else {}),
             "params": params,
         },
     )
@@ -237,4 +278,8 @@ def read_index(path: str | Path) -> ShardIndex:
         shards = tuple(ShardInfo(str(s["name"]), int(s["samples"]), int(s["bytes"])) for s in payload["shards"])
     except (KeyError, TypeError, ValueError) as exc:
         raise SampleFormatError(f"{file}: malformed shard entry ({exc})") from exc
-    return ShardIndex(root=file.parent, shards=shards, params=dict(payload.get("params", {})))
+    try:
+        content = ContentSummary.from_json(payload) if "frame_counts" in payload else None
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise SampleFormatError(f"{file}: malformed frame_counts / label_counts ({exc})") from exc
+    return ShardIndex(root=file.parent, shards=shards, params=dict(payload.get("params", {})), content=content)

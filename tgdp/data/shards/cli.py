@@ -54,6 +54,12 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"({result.total_clips} clips in, {len(result.failures)} unusable)")
     for reason, count in reasons.most_common():
         print(f"  {count:6d} x {reason}")
+    if result.content.frame_counts:
+        counts = sorted(result.content.frame_counts.items())
+        print("frames per clip: " + ", ".join(f"{n} frames x {c}" for n, c in counts))
+    if result.frame_gaps:
+        print(f"{len(result.frame_gaps)} clips had gaps in their frame folders (kept with the frames they have): "
+              f"{result.output / REPORT_NAME} `frame_gaps`")
     if result.failures:
         print(f"every unusable input and its reason: {result.output / REPORT_NAME}")
     if result.shards:

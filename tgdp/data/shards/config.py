@@ -10,7 +10,9 @@ from tgdp.config import ConfigError
 
 @dataclass
 class FramesConfig:
-    count: int = 16  # frames per clip at evenly spaced times over the first `clip_seconds`
+    # Frames per VIDEO FILE at evenly spaced times over the first `clip_seconds`. Pre-extracted
+    # clips (CAV-MAE JSON with frame folders) keep every frame they have, whatever this is.
+    count: int = 16
     size: int = 224  # short side in pixels after resizing (aspect kept; the loader crops)
     jpeg_quality: int = 90
 

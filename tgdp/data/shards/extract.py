@@ -1,7 +1,7 @@
 """One clip -> one shard sample: frames and fbank exactly as the reference preprocessing.
 
 Video files are decoded once, in a single demux pass, with PyAV (FFmpeg): any container and codec
-FFmpeg reads, constant or variable frame rate. Only the 16 selected frames are converted to RGB
+FFmpeg reads, constant or variable frame rate. Only the `frames.count` selected frames are converted to RGB
 and resized, and decoding stops as soon as the first `clip_seconds` are covered, so cost does not
 grow with the length of the source.
 """
@@ -12,7 +12,7 @@ import io
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import av
@@ -24,6 +24,7 @@ from PIL import Image
 
 from tgdp.data import audio as A
 from tgdp.data.format import FBANK_EXT, META_EXT, encode_fbank, frame_ext, make_meta
+from tgdp.data.frames import MAX_FRAMES, assumed_times
 from tgdp.data.shards.config import ShardingConfig
 from tgdp.data.shards.sources import Clip
 
@@ -43,6 +44,7 @@ class DecodedClip:
     height: int | None
     sample_rate: int | None
     channels: int | None
+    missing: list[int] = field(default_factory=list)  # pre-extracted frame slots k without a file (gaps)
 
 
 def target_times(duration: float, fps: float, count: int, clip_seconds: float) -> np.ndarray:
@@ -185,8 +187,27 @@ def _demux(container, vstream, astream, times: np.ndarray, cfg: ShardingConfig):
     return picked, picked_times, wave, (prev[0] if prev is not None else None)
 
 
+def frame_slots(root: Path) -> list[int]:
+    """The k of every `frame_<k>` folder under a CAV-MAE frame root, ascending."""
+    slots = []
+    try:
+        with os.scandir(root) as entries:
+            for entry in entries:
+                name = entry.name
+                if name.startswith("frame_") and name[6:].isdigit() and entry.is_dir():
+                    slots.append(int(name[6:]))
+    except OSError as exc:
+        raise ClipError(f"cannot list frame folder {root} ({exc})") from exc
+    return sorted(slots)
+
+
 def load_preextracted(clip: Clip, cfg: ShardingConfig) -> DecodedClip:
-    """CAV-MAE pre-extracted data: `<wav>` and `<frame_root>/frame_<k>/<video_id>.jpg`."""
+    """CAV-MAE pre-extracted data: `<wav>` and `<frame_root>/frame_<k>/<video_id>.jpg`.
+
+    Every frame the clip has is kept, from frame_0 up to its highest k (CAV-MAE: 10, CAV-MAE Sync:
+    16, any other count); a k missing below that is a gap, recorded in `missing` and not fatal.
+    Frame i of N slots is placed at i * L / N s (tgdp.data.frames), L = min(audio length, clip_seconds).
+    """
     if not os.path.exists(clip.wav):
         raise ClipError(f"missing wav file {clip.wav}")
     try:
@@ -199,19 +220,26 @@ def load_preextracted(clip: Clip, cfg: ShardingConfig) -> DecodedClip:
     if sr != A.SAMPLE_RATE:
         wave = AF.resample(torch.from_numpy(np.ascontiguousarray(wave)), sr, A.SAMPLE_RATE).numpy()
     wave = wave[: int(round(cfg.clip_seconds * A.SAMPLE_RATE))]
+    root = Path(clip.frame_root)
+    slots = [k for k in frame_slots(root) if k < MAX_FRAMES]
+    present = [k for k in slots if (root / f"frame_{k}" / f"{clip.video_id}.jpg").is_file()]
+    if not present:
+        raise ClipError(f"missing frame files: no {root}/frame_<k>/{clip.video_id}.jpg for any k")
+    slot_count = present[-1] + 1
     frames = []
-    for k in range(cfg.frames.count):
-        file = Path(clip.frame_root) / f"frame_{k}" / f"{clip.video_id}.jpg"
-        if not file.is_file():
-            raise ClipError(f"missing frame file {file}")
+    for k in present:
+        file = root / f"frame_{k}" / f"{clip.video_id}.jpg"
         try:
             with Image.open(file) as img:
                 img.load()
                 frames.append(resize_short_side(img.convert("RGB"), cfg.frames.size))
         except (OSError, SyntaxError) as exc:
             raise ClipError(f"unreadable frame {file} ({exc})") from exc
-    return DecodedClip(frames, [float("nan")] * len(frames), wave, data.shape[0] / sr, None,
-                       frames[0].width, frames[0].height, sr, data.shape[1])
+    span = min(data.shape[0] / sr, cfg.clip_seconds)
+    times = [round(t, 4) for t in assumed_times(slot_count, span)]
+    return DecodedClip(frames, [times[k] for k in present], wave, data.shape[0] / sr, None,
+                       frames[0].width, frames[0].height, sr, data.shape[1],
+                       missing=sorted(set(range(slot_count)) - set(present)))
 
 
 def encode_jpeg(image: Image.Image, quality: int) -> bytes:
@@ -257,7 +285,8 @@ def extract_clip(clip: Clip, cfg: ShardingConfig) -> dict[str, bytes]:
         height=decoded.height,
         sample_rate=decoded.sample_rate,
         channels=decoded.channels,
-        frame_times=None if any(math.isnan(t) for t in decoded.frame_times) else decoded.frame_times,
+        frame_times=decoded.frame_times,
+        missing_frames=decoded.missing,
     )
     sample[META_EXT] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
     return sample

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from tgdp.data.format import FORMAT_VERSION, INDEX_NAME, REPORT_NAME, ShardInfo, read_index, write_index, \
-    write_json_atomic
+from tgdp.data.format import FORMAT_VERSION, INDEX_NAME, REPORT_NAME, ContentSummary, ShardInfo, read_index, \
+    write_index, write_json_atomic
 
 PART_RE = re.compile(r"^part-(\d{5})-of-(\d{5})$")
 # Parameters that may legitimately differ between the parts of one shard set.
@@ -93,6 +93,8 @@ def merge_parts(output: str | Path, expect_tasks: int | None = None) -> MergeRes
 
     shards: list[ShardInfo] = []
     failures: list[dict[str, str]] = []
+    frame_gaps: list[dict[str, Any]] = []
+    content: ContentSummary | None = ContentSummary()  # None once a part's index lacks the counts
     clips = 0
     reference: dict[str, Any] | None = None
     for k in range(num_tasks):
@@ -100,6 +102,7 @@ def merge_parts(output: str | Path, expect_tasks: int | None = None) -> MergeRes
         report = _read_json(part / REPORT_NAME)
         clips += int(report.get("clips", 0))
         failures.extend(report.get("failures", []))
+        frame_gaps.extend(report.get("frame_gaps", []))
         if not (part / INDEX_NAME).is_file():
             if report.get("samples", 0):
                 raise MergeError(f"{part} reports {report['samples']} samples but has no {INDEX_NAME}; re-run task {k}")
@@ -113,12 +116,18 @@ def merge_parts(output: str | Path, expect_tasks: int | None = None) -> MergeRes
             raise MergeError(f"{part} was made with other parameters than the first part ({diff}): all tasks of one "
                              "shard set must run the same command; re-run that task with it")
         shards.extend(ShardInfo(f"{part.name}/{s.name}", s.samples, s.bytes) for s in index.shards)
+        if content is not None and index.content is not None:
+            content.merge(index.content)
+        else:
+            content = None
     if shards:
         write_index(out, shards, {"format": FORMAT_VERSION, **(reference or {}), "num_tasks": num_tasks,
-                                  "merged_parts": num_tasks})
+                                  "merged_parts": num_tasks}, content)
     write_json_atomic(out / REPORT_NAME, {"input": (reference or {}).get("input", ""), "clips": clips,
                                           "samples": sum(s.samples for s in shards), "shards": len(shards),
-                                          "parts": num_tasks, "failed": len(failures), "failures": failures})
+                                          "parts": num_tasks, "failed": len(failures), "failures": failures,
+                                          **({"frame_counts": content.to_json()["frame_counts"]} if content else {}),
+                                          "frame_gaps": frame_gaps})
     return MergeResult(out, num_tasks, shards, clips, failures)
 
 

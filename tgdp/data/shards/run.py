@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from tgdp.config import to_dict
-from tgdp.data.format import FORMAT_VERSION, REPORT_NAME, ShardInfo, write_index, write_json_atomic
+from tgdp.data.format import FORMAT_VERSION, META_EXT, REPORT_NAME, ContentSummary, ShardInfo, write_index, \
+    write_json_atomic
 from tgdp.data.shards.config import ShardingConfig
 from tgdp.data.shards.extract import ClipError, extract_clip
 from tgdp.data.shards.parts import part_name, task_slice
@@ -27,6 +29,7 @@ from tgdp.data.shards.writer import (
     plan_fingerprint,
     remove_stale_temporaries,
     sample_size,
+    summarise_shard,
 )
 
 log = logging.getLogger("tgdp.make_shards")
@@ -45,6 +48,8 @@ class RunResult:
     total_clips: int
     output: Path
     notes: list[str] = field(default_factory=list)
+    content: ContentSummary = field(default_factory=ContentSummary)  # clips per frame count and label
+    frame_gaps: list[dict[str, Any]] = field(default_factory=list)  # clips stored with missing frames
 
     @property
     def samples(self) -> int:
@@ -130,6 +135,7 @@ def make_shards(cfg: ShardingConfig) -> RunResult:
 
     writer = RollingShardWriter(out, cfg.prefix, cfg.max_samples_per_shard, cfg.max_bytes_per_shard, len(done))
     pending_failures: list[dict[str, str]] = []
+    content, gaps = ContentSummary(), []  # of the open shard
     position = start
     failed = sum(len(e.failures) for e in done)
     bar = tqdm(total=len(plan), initial=start, unit="clip", disable=not cfg.progress, dynamic_ncols=True,
@@ -143,15 +149,22 @@ def make_shards(cfg: ShardingConfig) -> RunResult:
                     log.warning("skipped %s: %s", failure["source"], failure["reason"])
                 else:
                     if writer.would_overflow(sample_size(sample)):
-                        journal.record(JournalEntry(writer.finish(), position, pending_failures))
-                        pending_failures = []
+                        journal.record(JournalEntry(writer.finish(), position, pending_failures, content, gaps))
+                        pending_failures, content, gaps = [], ContentSummary(), []
                     writer.write(sample)
+                    meta = json.loads(sample[META_EXT])
+                    content.add(meta)
+                    if meta.get("missing_frames"):
+                        gaps.append({"key": meta["key"], "video_id": meta["video_id"], "source": meta["source"],
+                                     "missing": meta["missing_frames"], "kept": meta["num_frames"]})
+                        log.warning("%s: frame folders %s have no file for this clip; kept its %d other frames",
+                                    meta["source"], meta["missing_frames"], meta["num_frames"])
                 position += 1
                 bar.update(1)
                 bar.set_postfix(shards=writer.index, unusable=failed, refresh=False)
             info = writer.finish()
             if info is not None or pending_failures:
-                journal.record(JournalEntry(info or ShardInfo("", 0, 0), position, pending_failures))
+                journal.record(JournalEntry(info or ShardInfo("", 0, 0), position, pending_failures, content, gaps))
         except BaseException:
             writer.abort()
             raise
@@ -160,13 +173,19 @@ def make_shards(cfg: ShardingConfig) -> RunResult:
 
     shards = [e.shard for e in journal.entries if e.shard.samples]
     failures = [f for e in journal.entries for f in e.failures]
+    frame_gaps = [g for e in journal.entries for g in e.frame_gaps]
+    total = ContentSummary()
+    for e in journal.entries:
+        if e.shard.samples:  # journals of older versions lack the counts: read them from the shard
+            total.merge(e.content if e.content is not None else summarise_shard(out / e.shard.name))
     run_params = {"format": FORMAT_VERSION, **to_dict(cfg)}
     if shards:
-        write_index(out, shards, run_params)
+        write_index(out, shards, run_params, total)
     write_json_atomic(
         out / REPORT_NAME,
         {"input": cfg.input, "clips": len(plan), "samples": sum(s.samples for s in shards),
          "shards": len(shards), "failed": len(failures), "failures": failures,
+         "frame_counts": total.to_json()["frame_counts"], "frame_gaps": frame_gaps,
          **({"ids": cfg.ids, "missing_ids": missing_ids} if cfg.ids else {})},
     )
-    return RunResult(shards, failures, len(done), len(plan), out, notes)
+    return RunResult(shards, failures, len(done), len(plan), out, notes, total, frame_gaps)

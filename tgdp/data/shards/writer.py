@@ -19,7 +19,7 @@ from typing import Any
 
 import webdataset as wds
 
-from tgdp.data.format import ShardInfo
+from tgdp.data.format import META_EXT, ContentSummary, ShardInfo
 
 JOURNAL_NAME = ".make_shards.journal.jsonl"
 
@@ -42,6 +42,8 @@ class JournalEntry:
     shard: ShardInfo
     plan_end: int  # plan positions [previous plan_end, plan_end) are accounted for by this shard
     failures: list[dict[str, str]] = field(default_factory=list)
+    content: ContentSummary | None = None  # None: a journal line written before tgdp recorded it
+    frame_gaps: list[dict[str, Any]] = field(default_factory=list)  # clips stored with missing frames
 
 
 class Journal:
@@ -71,14 +73,17 @@ class Journal:
             )
         for rec in records[1:]:
             info = ShardInfo(rec["name"], int(rec["samples"]), int(rec["bytes"]))
-            self.entries.append(JournalEntry(info, int(rec["plan_end"]), list(rec.get("failures", []))))
+            content = ContentSummary.from_json(rec["content"]) if "content" in rec else None
+            self.entries.append(JournalEntry(info, int(rec["plan_end"]), list(rec.get("failures", [])), content,
+                                             list(rec.get("frame_gaps", []))))
         self._rewrite(records[: 1 + len(self.entries)])
 
     def record(self, entry: JournalEntry) -> None:
         self.entries.append(entry)
         s = entry.shard
         self._append({"name": s.name, "samples": s.samples, "bytes": s.bytes, "plan_end": entry.plan_end,
-                      "failures": entry.failures})
+                      "failures": entry.failures, "frame_gaps": entry.frame_gaps,
+                      "content": (entry.content or ContentSummary()).to_json()})
 
     def _append(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:
@@ -177,6 +182,18 @@ def remove_stale_temporaries(root: Path) -> list[str]:
     for path in stale:
         path.unlink()
     return [p.name for p in stale]
+
+
+def summarise_shard(path: Path) -> ContentSummary:
+    """Frame and label counts of a finished shard, from its json members (nothing else is read)."""
+    summary = ContentSummary()
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith("." + META_EXT):
+                fh = tar.extractfile(member)
+                if fh is not None:
+                    summary.add(json.loads(fh.read().decode("utf-8")))
+    return summary
 
 
 def verify_tar(path: Path) -> bool:
