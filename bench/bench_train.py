@@ -244,7 +244,7 @@ def memory_worker(args: argparse.Namespace) -> None:
     # No data is read (random batches): data.shards only has to pass validation.
     cfg = load_config(TrainConfig, "train", args.mem_preset, [f"device={args.device}", "data.batch_size=2",
                                                                f"parallel.mixed_precision={args.mem_dtype}",
-                                                               "data.shards=unused"])
+                                                               "data.shards=unused", *args.mem_override])
     env = P.init_distributed(device=args.device)
     results: dict[str, Any] = {}
     for backend in args.mem_backends.split(","):
@@ -286,10 +286,12 @@ def memory_worker(args: argparse.Namespace) -> None:
 
 def run_memory(args: argparse.Namespace, work: Path) -> Optional[dict[str, Any]]:
     out = work / "memory.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port", str(free_port()),
+    nproc = args.mem_nproc or args.nproc
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
            str(Path(__file__).resolve()), "--memory-worker", "--mem-out", str(out), "--device", args.device,
-           "--mem-dtype", args.mem_dtype, "--mem-preset", args.mem_preset, "--mem-backends", args.mem_backends]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank(args.nproc)), "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+           "--mem-dtype", args.mem_dtype, "--mem-preset", args.mem_preset, "--mem-backends", args.mem_backends,
+           *[f"--mem-override={o}" for o in args.mem_override]]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank(nproc)), "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     print(f"\nmemory helper: {time.perf_counter() - start:.0f} s wall")
@@ -348,6 +350,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--mem-dtype", choices=("fp32", "bf16"), default="bf16",
                         help="memory table precision (bf16: the base preset's, which sets ZeRO's master copies)")
     parser.add_argument("--mem-backends", default=",".join(MEMORY_BACKENDS))
+    parser.add_argument("--mem-nproc", type=int, default=0, help="ranks of the memory table (0: --nproc); "
+                        "per-rank DDP state does not depend on it, so a model too big for 2 DDP ranks here is "
+                        "measured with --mem-backends ddp --mem-nproc 1")
+    parser.add_argument("--mem-override", action="append", default=[], metavar="FIELD=VALUE",
+                        help="config override of the memory table's model (e.g. smaller inputs: model state "
+                        "does not depend on them)")
+    parser.add_argument("--memory-only", action="store_true", help="only the model-state table")
     parser.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
                         help="extra trainer override for every run (repeatable), e.g. parallel.compile=true")
     parser.add_argument("--log-dir", default="", help="where failed runs' logs go (default: a new temp dir)")
@@ -364,14 +373,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         work = Path(tmp)
         start = time.perf_counter()
-        shards = Path(args.shards) if args.shards else make_shards(work)
+        shards = Path(args.shards) if args.shards or args.memory_only else make_shards(work)
         print(f"device={args.device} dtype={args.dtype} nproc={args.nproc} cpus={os.cpu_count()} "
               f"overrides={args.override} "
               f"load1={os.getloadavg()[0]:.2f} shards={shards}")
-        worlds = sorted({1 if b == "none" else args.nproc for b in args.backends.split(",")})
+        worlds = [] if args.memory_only else sorted({1 if b == "none" else args.nproc for b in args.backends.split(",")})
         peaks = {w: reference_peak(args.device, threads_per_rank(w)) for w in worlds}
         rows = []
-        for preset in args.presets.split(","):
+        for preset in [] if args.memory_only else args.presets.split(","):
             steps, warmup, batch = PLAN.get((preset, args.device), PLAN[("base", args.device)])
             plan = (args.steps or steps, warmup if args.warmup < 0 else args.warmup, args.batch or batch)
             if plan[0] % args.log_every or plan[1] % args.log_every:
@@ -388,7 +397,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         if args.memory:
             results = run_memory(args, work)
             if results:
-                print_memory(results, args.nproc, args.mem_preset, args.mem_dtype)
+                print_memory(results, args.mem_nproc or args.nproc, args.mem_preset, args.mem_dtype)
         print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 

@@ -48,7 +48,10 @@ def sample_key(shard: int, i: int) -> str:
 
 def make_sample(key: str, *, rows: int, frame_wh: tuple[int, int], num_frames: int, labels: list[str],
                 fbank: str, rng: np.random.Generator, corrupt: str | None = None,
-                texture: bool = False) -> dict[str, bytes]:
+                texture: bool = False, frame_times: list[float] | None = None,
+                meta_update: dict | None = None) -> dict[str, bytes]:
+    """One sample; `frame_times` as make_shards records them (None: as shards of older versions),
+    `meta_update` overrides json fields (a value of None deletes the field)."""
     if fbank == "rows":
         arr = np.repeat(np.arange(rows, dtype=np.float32)[:, None], 128, axis=1)
     else:
@@ -66,7 +69,12 @@ def make_sample(key: str, *, rows: int, frame_wh: tuple[int, int], num_frames: i
         else:
             sample[F.frame_ext(k)] = jpeg(*frame_wh, frame_level(k), texture=rng if texture else None)
     meta = F.make_meta(key=key, video_id=key, labels=labels, source="factory", num_frames=num_frames,
-                       fbank_frames=rows, has_audio=True)
+                       fbank_frames=rows, has_audio=True, frame_times=frame_times)
+    for field, value in (meta_update or {}).items():
+        if value is None:
+            meta.pop(field, None)
+        else:
+            meta[field] = value
     sample[F.META_EXT] = json.dumps(meta).encode()
     if corrupt == "missing_frame":
         for k in range(num_frames):

@@ -145,7 +145,7 @@ def test_errors_name_the_bad_path_and_field(corpus_shards, tmp_path, capsys):
         assert exc.value.code == 2 and needle in capsys.readouterr().err
 
 
-def test_cavmae_protocol_uses_frame_5_whole_audio_and_mean_pooling(corpus_shards):
+def test_cavmae_protocol_uses_the_centre_frame_whole_audio_and_mean_pooling(corpus_shards):
     from tgdp.data import sampling as S
     from tgdp.data.transforms import SampleDecoder
     from tgdp.eval.embed import data_config
@@ -158,13 +158,15 @@ def test_cavmae_protocol_uses_frame_5_whole_audio_and_mean_pooling(corpus_shards
     data = EmbedConfig(shards=str(corpus_shards), protocol="cavmae", num_workers=0, max_clips=3)
     emb = extract(enc.model, data, cfg.audio_frames, cfg.image_size)
     assert emb.audio.shape == (3, 1, 32) and emb.meta["feature"] == "mean" and len(emb.keys) == 3
-    # by hand: the first clip of the first shard, frame 5 and all 1024 fbank rows, mean of the tokens
+    # by hand: the first clip of the first shard, the frame nearest its centre and all 1024 fbank rows,
+    # mean of the tokens. 16 frames at int(linspace(0, 249, 16)) / 25 s; the 998-row fbank spans
+    # 9.995 s: frame 8 (5.28 s) is nearer its centre (4.9975 s) than frame 7 (4.64 s).
     loader_cfg = data_config(data, cfg.audio_frames, cfg.image_size)
-    assert loader_cfg.split == "eval" and loader_cfg.eval_frame == 5
+    assert loader_cfg.split == "eval" and loader_cfg.eval_frame == -1
     shard = S.load_shard_set(str(corpus_shards))[0]
     raw = next(S.read_shard(shard.url, shard.samples, S.StreamStats(S.WorkerResume())))
     sample = SampleDecoder(loader_cfg, None)(raw, None)
-    assert sample.frame_index == 5 and sample.audio.shape == (1024, 128)
+    assert sample.frame_index == 8 and sample.audio.shape == (1024, 128)
     with torch.no_grad():
         out = enc.model.forward_features(torch.from_numpy(sample.audio)[None], sample.frames[None])
     assert emb.keys[0] == raw["__key__"]

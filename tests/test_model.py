@@ -80,6 +80,9 @@ def test_presets_and_validation_errors_name_the_field() -> None:
     ("base", ("contrastive_heads=true",), 219_036_928, 218_519_808, 730),
     # CAVMAE_DP constructor defaults: T = 1024, R = 4, no CLS, heads
     ("cavmae", ("num_register_tokens=4", "contrastive_heads=true"), 219_418_368, 218_512_128, None),
+    # ViT-L/16 encoders (23 + 23 modality-specific blocks of 12 d^2 + 21 d = 12,604,416 at d = 1024,
+    # 1 unified block), the base decoder
+    ("large", (), 620_409_856, 619_789_312, 1130),
 ])
 def test_parameter_and_key_counts(preset: str, overrides: tuple[str, ...], total: int, trainable: int,
                                   keys: int | None) -> None:

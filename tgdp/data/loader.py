@@ -18,9 +18,10 @@ Batches (collated inside the worker; B = batch_size, F = num_frames, T = audio_f
 
     audio          float32 [B, T, 128]        retrieval: [B, F, T, 128]   normalised fbank windows
     frames         float32 [B, 3, S, S]       retrieval: [B, F, 3, S, S]  ImageNet-normalised
-    frame_index    int64   [B]                retrieval: [B, F]           frame k of each pair
+    frame_index    int64   [B]                retrieval: [B, F]           stored frame of each pair (frames.py)
     keys           list[str]; labels: list[list[str]] (from the sample json)
-    label_targets  float32 [B, C] multi-hot   only with data.label_csv (unknown labels: warned once)
+    label_targets  float32 [B, C] multi-hot   only with data.label_csv (labels.py; unknown labels: an error
+                                              when the index records its labels, else warned once)
     skipped        int: corrupt samples its worker skipped so far this epoch (rank total: `.skipped`)
 
 Exact resume: a batch carries its worker's stream position (raw samples consumed after the
@@ -58,6 +59,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tgdp.config import ConfigError
 from tgdp.data import sampling as S
+from tgdp.data.labels import check_shard_labels
 from tgdp.data.transforms import SAMPLE_ERRORS, LabelVocab, SampleDecoder, collate
 
 log = logging.getLogger(__name__)
@@ -104,11 +106,11 @@ class DataConfig:
     shuffle_initial: int = 100  # start emitting after this many (shorter start-up, as webdataset)
     seed: int = 0
     samples_per_epoch: int = 0  # 0 = the index's total; set to define shorter/longer virtual epochs
-    num_frames: int = 16  # frames per stored sample; others are skipped as corrupt
+    num_frames: int = 16  # audio windows per clip (official total_frame); each takes its time-nearest stored frame
     audio_frames: int = 416  # window length (T); = full_frames for the CAV-MAE whole-clip protocol
     full_frames: int = 1024  # the fbank is zero-padded/truncated to this many frames (reference)
     frame_size: int = 224
-    eval_frame: int = 5  # the frame used by split=eval (TG-DP: 5; CAV-MAE Sync: 8)
+    eval_frame: int = 5  # window of split=eval (TG-DP: 5; CAV-MAE Sync: 8); -1 = the frame nearest the clip's centre
     label_csv: str = ""  # index,mid,display_name; adds `label_targets` to batches
     start_method: str = "forkserver"  # decoders in forked workers have deadlocked for others
     prefetch_factor: int = 2
@@ -137,8 +139,9 @@ class DataConfig:
         need(1 <= self.audio_frames <= self.full_frames,
              f"data.audio_frames must be in 1..full_frames ({self.full_frames}), got {self.audio_frames}")
         need(self.frame_size >= 1, f"data.frame_size must be >= 1, got {self.frame_size}")
-        need(0 <= self.eval_frame < self.num_frames,
-             f"data.eval_frame must be in 0..{self.num_frames - 1}, got {self.eval_frame}")
+        need(-1 <= self.eval_frame < self.num_frames,
+             f"data.eval_frame must be in 0..{self.num_frames - 1} (or -1: the frame nearest the clip's centre), "
+             f"got {self.eval_frame}")
         need(not self.label_csv or Path(self.label_csv).is_file(), f"data.label_csv {self.label_csv!r} is not a file")
         need(self.start_method in START_METHODS,
              f"data.start_method must be one of {START_METHODS}, got {self.start_method!r}")
@@ -288,6 +291,8 @@ class ShardLoader:
         if cfg.mode == "epoch":
             S.check_epoch_shards(len(self.shards), world_size, self.plan.streams)
         self.vocab = LabelVocab.from_csv(cfg.label_csv) if cfg.label_csv else None
+        if self.vocab is not None:
+            check_shard_labels(self.vocab, cfg.shards)  # labels outside the file: an error naming them, now
         self.epoch = 0
         self.batches = 0  # consumed in the current epoch
         self._workers = [S.WorkerResume() for _ in range(self.plan.streams)]

@@ -9,13 +9,11 @@ a sample's output never depends on which samples were decoded before it.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,6 +23,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from tgdp.data import audio as A
 from tgdp.data import format as F
+from tgdp.data import frames as Fr
+from tgdp.data.labels import LabelVocab  # noqa: F401  (part of this module's interface)
 
 if TYPE_CHECKING:
     from tgdp.data.loader import AugmentConfig, DataConfig
@@ -48,48 +48,6 @@ _BIAS = torch.tensor([m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(
 SAMPLE_ERRORS = (F.SampleFormatError, ValueError, RuntimeError, KeyError, OSError, EOFError)
 
 
-class LabelVocab:
-    """An AudioSet-style label CSV (`index,mid,display_name`): labels are looked up by mid first,
-    then by display name, so json labels may use either."""
-
-    def __init__(self, names: list[str], lookup: dict[str, int]):
-        self.names = names
-        self.lookup = lookup
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.names)
-
-    @classmethod
-    def from_csv(cls, path: str | Path) -> "LabelVocab":
-        with open(path, newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
-        if not rows or not {"index", "mid", "display_name"} <= set(rows[0]):
-            raise ValueError(f"{path}: expected a CSV with header index,mid,display_name")
-        size = max(int(r["index"]) for r in rows) + 1
-        names = [""] * size
-        lookup: dict[str, int] = {}
-        for r in rows:
-            i = int(r["index"])
-            names[i] = r["display_name"]
-            lookup.setdefault(r["display_name"], i)
-        for r in rows:  # mids win over a display name that happens to equal some mid
-            lookup[r["mid"]] = int(r["index"])
-        return cls(names, lookup)
-
-    def targets(self, labels: list[str]) -> tuple[np.ndarray, list[str]]:
-        """Multi-hot float32 [C] and the labels that are not in the vocabulary."""
-        out = np.zeros(self.num_classes, dtype=np.float32)
-        unknown = []
-        for label in labels:
-            i = self.lookup.get(label)
-            if i is None:
-                unknown.append(label)
-            else:
-                out[i] = 1.0
-        return out, unknown
-
-
 @dataclass
 class Decoded:
     """One decoded sample (train/eval: a single pair; retrieval: all frames)."""
@@ -109,9 +67,12 @@ class Decoded:
 def audio_window(fbank_bytes: bytes, k: int, num_frames: int, full: int, length: int) -> np.ndarray:
     """Un-normalised rows of frame k's window (`audio.window_bounds`), zero-padded past the stored
     end as the reference pads to `full` frames; only the window's rows are read from the bytes."""
-    start, end = A.window_bounds(k, num_frames, full, length)
-    rows = F.decode_fbank(fbank_bytes, start, end, A.NUM_MEL_BINS)
-    return A.pad_rows(rows, 0, end - start)
+    return window_rows(fbank_bytes, *A.window_bounds(k, num_frames, full, length))
+
+
+def window_rows(fbank_bytes: bytes, start: int, end: int) -> np.ndarray:
+    """Un-normalised rows `[start, end)` of a stored fbank, zero-padded past its end."""
+    return A.pad_rows(F.decode_fbank(fbank_bytes, start, end, A.NUM_MEL_BINS), 0, end - start)
 
 
 def spec_augment(fbank: np.ndarray, freqm: int, timem: int, rng: np.random.Generator) -> np.ndarray:
@@ -205,28 +166,41 @@ class SampleDecoder:
         self.vocab = vocab
 
     def __call__(self, raw: dict[str, Any], rng: np.random.Generator) -> Decoded:
+        """Windows are those of the official loader; each takes its stored frame by time
+        (tgdp.data.frames): the frame itself for a clip of exactly `num_frames` frames."""
         cfg = self.cfg
         meta = self._meta(raw)
-        num_frames = cfg.num_frames
+        K = cfg.num_frames
         if F.FBANK_EXT not in raw:
             raise F.SampleFormatError(f"missing member {F.FBANK_EXT}")
         fbank_bytes = raw[F.FBANK_EXT]
         full, length = cfg.full_frames, cfg.audio_frames
+        centre = cfg.split == "eval" and cfg.eval_frame < 0
+        # None: the clip holds exactly K frames and window k takes frame k (no times needed)
+        times = Fr.frame_times(meta, F.fbank_num_rows(fbank_bytes)) if centre or Fr.frame_count(meta) != K else None
         if cfg.split == "retrieval":
             whole = F.decode_fbank(fbank_bytes, 0, full, A.NUM_MEL_BINS)
-            ks = range(num_frames)
-            audio = np.stack([A.pad_rows(whole, *A.window_bounds(k, num_frames, full, length)) for k in ks])
-            frames = torch.stack([frame_tensor(self._frame(raw, k), cfg.frame_size, None, None) for k in ks])
-            index: int | list[int] = list(range(num_frames))
+            audio = np.stack([A.pad_rows(whole, *A.window_bounds(k, K, full, length)) for k in range(K)])
+            js = list(range(K)) if times is None else Fr.window_frames(times, K, full)
+            decoded = {j: frame_tensor(self._frame(raw, j), cfg.frame_size, None, None) for j in dict.fromkeys(js)}
+            frames = torch.stack([decoded[j] for j in js])
+            index: int | list[int] = js
         else:
             train = cfg.split == "train"
-            k = int(rng.integers(0, num_frames)) if train else cfg.eval_frame
+            if not centre:
+                k = int(rng.integers(0, K)) if train else cfg.eval_frame
+                j = k if times is None else Fr.window_frame(times, k, K, full)
+                bounds = A.window_bounds(k, K, full, length)
+            else:  # the CAV-MAE protocol: the frame nearest the clip's centre, the window centred there
+                span = Fr.audio_span(F.fbank_num_rows(fbank_bytes))
+                j = Fr.centre_frame(times, span)
+                bounds = A.window_at(Fr.centre_row(span), full, length)
             aug = cfg.augment if train else None
-            frames = frame_tensor(self._frame(raw, k), cfg.frame_size, aug, rng)
-            audio = audio_window(fbank_bytes, k, num_frames, full, length)
+            frames = frame_tensor(self._frame(raw, j), cfg.frame_size, aug, rng)
+            audio = window_rows(fbank_bytes, *bounds)
             if aug is not None:
                 audio = spec_augment(audio, aug.freqm, aug.timem, rng)
-            index = k
+            index = j
         audio = A.normalise_fbank(audio).astype(np.float32, copy=False)
         if cfg.split == "train" and cfg.augment.time_shift > 0:
             audio = time_shift(audio, cfg.augment.time_shift, rng)
@@ -243,9 +217,7 @@ class SampleDecoder:
         labels = meta.get("labels", [])
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
             raise F.SampleFormatError(f"json labels must be a list of strings, got {labels!r}")
-        n = meta.get("num_frames", self.cfg.num_frames)
-        if n != self.cfg.num_frames:
-            raise F.SampleFormatError(f"num_frames {n}, expected {self.cfg.num_frames} (data.num_frames)")
+        Fr.frame_count(meta)  # validated here: a malformed count is a corrupt sample whatever the split
         return meta
 
     @staticmethod

@@ -2,12 +2,15 @@
 
 Protocols (`EmbedConfig.protocol`):
 
-* `tgdp` (TG-DP / CAV-MAE Sync): every clip gives all 16 (frame k, audio window k) pairs, each
+* `tgdp` (TG-DP / CAV-MAE Sync): every clip gives all 16 (audio window k, its frame) pairs, each
   encoded independently by the unmasked modality-specific stream; the feature is the CLS token
-  after `norm_a` / `norm_v`. Output [N, 16, D] per modality.
-* `cavmae` (original CAV-MAE): one frame (`frame`, 5) and the whole clip's audio (the model's
-  `audio_frames`; 1024 for the CAV-MAE geometry); the feature is the MEAN of the modality stream's
-  output tokens. Output [N, 1, D].
+  after `norm_a` / `norm_v`. Output [N, 16, D] per modality. A clip of 16 frames pairs window k
+  with frame k; a clip of another count pairs each window with its time-nearest frame
+  (tgdp.data.frames), so every clip gives 16 pairs.
+* `cavmae` (original CAV-MAE): one frame (`frame`; -1, the default: the frame nearest the clip's
+  centre, which is CAV-MAE's frame 5 of 10) and the whole clip's audio (the model's `audio_frames`;
+  1024 for the CAV-MAE geometry); the feature is the MEAN of the modality stream's output tokens.
+  Output [N, 1, D].
 
 `pooling` overrides the protocol's feature (`cls` / `mean`). Features are stored UN-normalised
 (the probes want them raw); retrieval L2-normalises each pair itself.
@@ -51,10 +54,10 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass
 class EmbedConfig:
     shards: str = ""  # eval shard folder(s) written by make_shards (comma-separated)
-    protocol: str = "tgdp"  # tgdp (= CAV-MAE Sync: 16 pairs, CLS) | cavmae (frame 5, whole audio, mean pool)
+    protocol: str = "tgdp"  # tgdp (= CAV-MAE Sync: 16 pairs, CLS) | cavmae (centre frame, whole audio, mean pool)
     pooling: str = "auto"  # auto (the protocol's) | cls | mean
-    frame: int = 5  # the single frame of the cavmae protocol
-    num_frames: int = 16  # frames stored per clip
+    frame: int = -1  # the cavmae protocol's frame: -1 = nearest the clip's centre, k = the frame of window k
+    num_frames: int = 16  # audio windows (pairs) per clip under the tgdp protocol, whatever the clip stores
     full_frames: int = 1024  # fbank padded / cut to this many frames before windows are cut (reference)
     batch_size: int = 8  # clips per forward (x16 pairs under the tgdp protocol)
     num_workers: int = 2  # decoding processes per rank (0 = in the main process)
@@ -72,7 +75,8 @@ class EmbedConfig:
                  f"data.shards: {part} is not a shard folder (no index.json); build one with data_tools/make_shards.py")
         need(self.protocol in PROTOCOLS, f"data.protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         need(self.pooling in POOLINGS, f"data.pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        need(0 <= self.frame < self.num_frames, f"data.frame must be in 0..{self.num_frames - 1}, got {self.frame}")
+        need(-1 <= self.frame < self.num_frames, f"data.frame must be -1 (the frame nearest the clip's centre) or in "
+             f"0..{self.num_frames - 1}, got {self.frame}")
         need(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
         need(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         need(self.max_clips >= 0, f"data.max_clips must be >= 0 (0 = all), got {self.max_clips}")

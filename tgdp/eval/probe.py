@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tgdp.config import ConfigError, parse_cli, to_dict
-from tgdp.data.transforms import LabelVocab
+from tgdp.data.labels import LabelVocab, count_labels
 from tgdp.eval.classification import mean_average_precision, top1_accuracy
 from tgdp.eval.command import run_command
 from tgdp.eval.embed import EmbedConfig, Embeddings, extract
@@ -104,10 +104,14 @@ def select_modality(emb: Embeddings, modality: str) -> torch.Tensor:
     return torch.cat([emb.audio, emb.video], dim=-1).float()
 
 
-def label_space(train: Embeddings, label_csv: str) -> tuple[list[str], dict[str, int]]:
-    """(class names, label -> index): the CSV's vocabulary, or the training split's sorted labels."""
+def label_space(train: Embeddings, label_csv: str, test: Embeddings | None = None) -> tuple[list[str], dict[str, int]]:
+    """(class names, label -> index): the CSV's vocabulary (every label of both splits must be in
+    it: ConfigError naming the others), or the training split's sorted labels."""
     if label_csv:
         vocab = LabelVocab.from_csv(label_csv)
+        for name, split in (("training", train), ("test", test)):
+            if split is not None:
+                vocab.check(count_labels(split.labels), f"the {name} split")
         return vocab.names, vocab.lookup
     names = sorted({lab for labels in train.labels for lab in labels})
     if not names:
@@ -197,7 +201,7 @@ def fit_and_test(cfg: ProbeConfig, train: Embeddings, test: Embeddings,
                  device: torch.device | str = "cpu") -> dict[str, Any]:
     """The whole recipe on two embedding sets; returns the results dict (no files written)."""
     device = torch.device(device)
-    names, lookup = label_space(train, cfg.label_csv)
+    names, lookup = label_space(train, cfg.label_csv, test)
     y_train = multi_hot(train.labels, lookup, len(names))
     y_test = multi_hot(test.labels, lookup, len(names))
     task = resolve_task(cfg.task, y_train)

@@ -143,7 +143,8 @@ FLAGS = {
                      "run dir, checkpoints/step_<N>, .safetensors export, official file, or random"),
     "--shards": ("data.shards", "eval shard folder(s) (make_shards output, comma-separated)"),
     "--output": ("output", "folder for retrieval.json and the plots"),
-    "--protocol": ("data.protocol", "tgdp (16 pairs, CLS, diagonal mean) or cavmae (frame 5, whole audio, mean pool)"),
+    "--protocol": ("data.protocol",
+                   "tgdp (16 pairs, CLS, diagonal mean) or cavmae (centre frame, whole audio, mean pool)"),
 }
 
 

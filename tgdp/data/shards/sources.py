@@ -82,10 +82,11 @@ def _from_csv(csv_path: Path) -> list[Clip]:
             rows = list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise ManifestError(f"cannot read CSV manifest {csv_path}: {exc}") from exc
-    if "path" not in columns or "labels" not in columns:
+    label_column = next((c for c in ("labels", "label") if c in columns), None)
+    if "path" not in columns or label_column is None:
         raise ManifestError(
             f"CSV manifest {csv_path} has columns {columns}; it needs a header with at least `path,labels` "
-            "(optional `key`); paths are relative to the CSV's folder"
+            "(or `path,label`; optional `key`); paths are relative to the CSV's folder"
         )
     clips = []
     for line, raw in enumerate(rows, start=2):
@@ -100,7 +101,7 @@ def _from_csv(csv_path: Path) -> list[Clip]:
             Clip(
                 key=sanitise_key(video_id),
                 video_id=video_id,
-                labels=split_labels(row.get("labels")),
+                labels=split_labels(row.get(label_column)),
                 source=str(video),
                 video=str(video),
             )
