@@ -250,7 +250,10 @@ ensure_bridge() {
 ensure_netns() {  # ensure_netns NAME: the node's network namespace, its veth pair and address
   local name=$1 host_if="tgdp-veth${1#"$NODE_PREFIX"}" addr
   addr=$(node_addr "$name")
-  ip netns list | grep -q "^$name\b" || ip netns add "$name"
+  # (grep reads whole outputs kept in variables: `cmd | grep -q` fails under pipefail when grep
+  # exits early and cmd gets SIGPIPE)
+  local have; have=$(ip netns list)
+  grep -q "^$name\b" <<<"$have" || ip netns add "$name"
   if ! ip link show "$host_if" >/dev/null 2>&1; then
     ip link add "$host_if" type veth peer name eth0 netns "$name"
     ip link set "$host_if" master "$BRIDGE"
@@ -258,7 +261,8 @@ ensure_netns() {  # ensure_netns NAME: the node's network namespace, its veth pa
   ip link set "$host_if" up
   ip -n "$name" link set lo up
   ip -n "$name" link set eth0 up
-  ip -n "$name" addr show dev eth0 | grep -q "inet $addr/" || ip -n "$name" addr add "$addr/24" dev eth0
+  have=$(ip -n "$name" addr show dev eth0)
+  grep -q "inet $addr/" <<<"$have" || ip -n "$name" addr add "$addr/24" dev eth0
 }
 
 start_slurmd() {  # start_slurmd NAME: the node's slurmd, in its namespaces (or on this machine)
@@ -311,7 +315,7 @@ cmd_status() {
   [ "$have" -ge 1 ] || return 1
   n=$(parse_nodes "$have" "$@")
   [ "$have" = "$n" ] || return 1
-  scontrol ping 2>/dev/null | grep -q UP && all_nodes_usable "$n" && sacct -n -X -S now >/dev/null 2>&1
+  [[ "$(scontrol ping 2>/dev/null)" == *UP* ]] && all_nodes_usable "$n" && sacct -n -X -S now >/dev/null 2>&1
 }
 
 cmd_nodes() {

@@ -66,3 +66,13 @@ def slurm() -> None:
 def slurm_shards(tmp_path_factory) -> Path:
     """16 four-second clips in 4 shards: enough for 4 ranks (tiny preset, virtual epochs)."""
     return synthetic_shards(tmp_path_factory.mktemp("slurm_data"), num_clips=16, duration=4.0)
+
+
+@pytest.fixture
+def cancel_jobs():
+    """A list the test appends its Slurm job ids to: they are cancelled when the test ends, so a
+    failed test leaves no job running into the next one."""
+    jobs: list[str] = []
+    yield jobs
+    if jobs:
+        subprocess.run(["scancel", *jobs], capture_output=True)

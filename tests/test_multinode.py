@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import re
-import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -217,13 +217,14 @@ def stop_by_scancel(job: str, run_dir: Path, step: int) -> None:
 
 
 @pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
-def test_world_size_changes_between_jobs(slurm, slurm_shards, tmp_path, first, second):
+def test_world_size_changes_between_jobs(slurm, slurm_shards, tmp_path, cancel_jobs, first, second):
     """A run stopped on `first` nodes continues on `second` nodes: models and optimizer load exactly
     (the fingerprint of what was loaded equals the saved one, at the new world size), and the data
     position follows data.on_layout_change (fast_forward: same fraction of the epoch)."""
     run = tmp_path / "run"
     args = train_args(slurm_shards, run, 30)
     job = submit_pretrain(tmp_path, "run", args, nodes=first, extra=("--no-requeue",))
+    cancel_jobs.append(job)
     stop_by_scancel(job, run, 12)
     stopped = re.search(r"stopped at step (\d+) by SIGTERM", job_log(tmp_path, job))
     assert stopped, job_log(tmp_path, job)[-3000:]
@@ -232,6 +233,7 @@ def test_world_size_changes_between_jobs(slurm, slurm_shards, tmp_path, first, s
     assert meta["world_size"] == first * PROCS
 
     job2 = submit_pretrain(tmp_path, "run", args, nodes=second)
+    cancel_jobs.append(job2)
     assert wait_job_done(job2, 600) == "COMPLETED", job_log(tmp_path, job2)[-3000:]
     log = job_log(tmp_path, job2)
     assert f"resumed from {run / 'checkpoints'}/step_{step:08d} at step {step}" in log
@@ -252,7 +254,8 @@ def checkpoint_digests(run: Path) -> dict[str, str]:
             for p in sorted((run / "checkpoints").glob("step_*[0-9]/*")) if p.is_file()}
 
 
-def test_node_loss_ends_the_job_naming_the_node_and_a_resubmission_resumes(slurm, slurm_shards, tmp_path):
+def test_node_loss_ends_the_job_naming_the_node_and_a_resubmission_resumes(slurm, slurm_shards, tmp_path,
+                                                                          cancel_jobs):
     """SIGKILL of every process of tgdp-node2 (its slurmd, step daemon, launcher and ranks) in the
     middle of a step: the ranks on tgdp-node1 exit within seconds, the job ends once Slurm declares
     the node lost (SlurmdTimeout) with a message naming it, and the same command, resubmitted
@@ -260,10 +263,11 @@ def test_node_loss_ends_the_job_naming_the_node_and_a_resubmission_resumes(slurm
     run = tmp_path / "run"
     args = train_args(slurm_shards, run, 40)
     job = submit_pretrain(tmp_path, "run", args, extra=("--no-requeue",))
+    cancel_jobs.append(job)
     wait_for_steps(run, 13)
     before = checkpoint_digests(run)
     assert "checkpoints/step_00000010/COMPLETE" in before
-    rank_pids = lambda node: [p for p in node_pids(node) if "tgdp/train.py" in _cmdline(p)]  # noqa: E731
+    rank_pids = lambda node: [p for p in node_pids(node) if _is_rank(_cmdline(p))]  # noqa: E731
     survivors = rank_pids("tgdp-node1")
     assert len(survivors) == PROCS and len(rank_pids("tgdp-node2")) == PROCS
     killed_at = time.time()
@@ -277,7 +281,7 @@ def test_node_loss_ends_the_job_naming_the_node_and_a_resubmission_resumes(slurm
         state = wait_job_done(job, 240)  # Slurm declares the node dead after SlurmdTimeout (60 s here)
         job_end_s = time.time() - killed_at
         log = job_log(tmp_path, job)
-        assert state in ("FAILED", "NODE_FAIL", "CANCELLED"), state
+        assert state in ("FAILED", "NODE_FAIL", "CANCELLED"), (state, log[-3000:])
         assert "lost node(s): tgdp-node2" in log and "submit the same command again" in log, log[-3000:]
         assert survivors_exit_s < 60 and job_end_s < 200, (survivors_exit_s, job_end_s)
     finally:  # the node comes back: its slurmd restarts, Slurm returns it to service
@@ -285,6 +289,7 @@ def test_node_loss_ends_the_job_naming_the_node_and_a_resubmission_resumes(slurm
     after = checkpoint_digests(run)
     assert {k: v for k, v in after.items() if k in before} == before  # nothing written before is damaged
     job2 = submit_pretrain(tmp_path, "run", args)
+    cancel_jobs.append(job2)
     assert wait_job_done(job2, 600) == "COMPLETED", job_log(tmp_path, job2)[-3000:]
     log = job_log(tmp_path, job2)
     newest = max(int(m) for m in re.findall(r"checkpoints/step_(\d+)/COMPLETE", " ".join(before)))
@@ -298,6 +303,11 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def _is_rank(cmdline: str) -> bool:
+    """A training rank (`python -u .../tgdp/train.py ...`, as torchrun starts it), not its launcher."""
+    return cmdline.split()[1:3] == ["-u", str(REPO / "tgdp" / "train.py")]
 
 
 def _alive(pid: int) -> bool:
@@ -316,59 +326,65 @@ def _status(pid: int) -> str:
 
 
 # ------------------------------------------------------------------------------- make_shards array
-def test_make_shards_array_over_two_nodes_with_a_killed_task(slurm, corpus, tmp_path):
+def task_pids(job: str, task: int) -> list[int]:
+    """The processes of one array task (found by the Slurm variables in their environment)."""
+    want = {f"SLURM_ARRAY_JOB_ID={job}".encode(), f"SLURM_ARRAY_TASK_ID={task}".encode()}
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                env = set((entry / "environ").read_bytes().split(b"\0"))
+            except OSError:
+                continue
+            if want <= env:
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_make_shards_array_over_two_nodes_with_a_killed_task(slurm, tmp_path, cancel_jobs):
     """--array=0-3 spread over both nodes writes disjoint parts and one merged index with every
-    clip exactly once; task 1, killed while stuck on a clip (a FIFO no one writes), is re-run and
-    resumes after the shards it had finished."""
+    clip exactly once; task 1, frozen and SIGKILLed after its first shard, is re-run and resumes
+    after the shards it had finished."""
     from tgdp.data.format import read_index
-    from tgdp.data.shards.config import ShardingConfig
-    from tgdp.data.shards.run import make_plan
     from tgdp.data.shards.sources import read_clips
+    from tgdp.data.synthetic import make_corpus
 
-    clips = read_clips(corpus)
-    inputs = tmp_path / "videos"
-    inputs.mkdir()
-    for clip in clips:
-        os.symlink(clip.path, inputs / Path(clip.path).name)
-    manifest = tmp_path / "manifest.csv"
-    text = Path(corpus).read_text()
-    for clip in clips:
-        text = text.replace(str(clip.path), str(inputs / Path(clip.path).name))
-    manifest.write_text(text)
+    manifest = make_corpus(tmp_path / "corpus", num_clips=24, num_classes=3, duration=2.0, seed=5, workers=2)
     out = tmp_path / "shards"
-    # Which clip task 1 reads second: the plan is the manifest shuffled with the seed, sliced in 4.
-    task1 = make_plan(read_clips(manifest), ShardingConfig(input=str(manifest), output=str(out), task_index=1,
-                                                             num_tasks=4))
-    blocked = Path(task1[1].path)
-    blocked.unlink()
-    os.mkfifo(blocked)  # opening it blocks: a read that hangs on broken storage
-
-    args = ["--input", str(manifest), "--output", str(out), "max_samples_per_shard=1"]
-    job = sbatch(["--array=0-3", "--cpus-per-task=1", "--nodes=1", str(REPO / "slurm" / "make_shards.sbatch"), *args],
-                 tmp_path, job_env())
+    args = ["--input", str(manifest), "--output", str(out), "max_samples_per_shard=1", "workers=1"]
+    # 4 of a node's 8 CPUs per task: 2 tasks fit a node, so the array spreads over both
+    job = sbatch(["--array=0-3", "--cpus-per-task=4", str(REPO / "slurm" / "make_shards.sbatch"), *args], tmp_path,
+                 job_env())
+    cancel_jobs.append(job)
     part1 = out / "part-00001-of-00004"
     deadline = time.time() + 300
-    while not list(part1.glob("shard-*.tar")) or array_states(job)[:1] == []:
+    while not list(part1.glob("shard-*.tar")):  # task 1 finished its first clip (one clip per shard)
         assert time.time() < deadline, array_states(job)
-        time.sleep(0.2)
-    wait_array(job, {0, 2, 3}, 300)
+        time.sleep(0.02)
+    frozen = task_pids(job, 1)
+    for pid in frozen:  # freeze it mid-way (5 of its 6 clips to go), then kill it as a lost task would end
+        os.kill(pid, signal.SIGSTOP)
+    assert frozen
+    subprocess.run(["scancel", "--signal=KILL", f"{job}_1"], check=True)
+    wait_array(job, {0, 1, 2, 3}, 300)
+    states = dict(zip(range(4), array_states(job)))
+    assert states[1] != "COMPLETED" and [states[k] for k in (0, 2, 3)] == ["COMPLETED"] * 3, states
     assert not (out / "index.json").exists()  # task 1 is not finished: no merge yet
-    subprocess.run(["scancel", f"{job}_1"], check=True)
-    wait_array(job, {1}, 120)
-    done_before = sorted(p.name for p in part1.glob("shard-*.tar"))
-    assert len(done_before) == 1
+    done_before = {p.name: p.read_bytes() for p in part1.glob("shard-*.tar")}
+    assert 1 <= len(done_before) < 6, sorted(done_before)
 
-    blocked.unlink()
-    os.symlink(next(c.path for c in clips if Path(c.path).name == blocked.name), blocked)
-    env = job_env(TGDP_SHARD_TASKS="4")
-    rerun = sbatch(["--array=1", "--cpus-per-task=1", str(REPO / "slurm" / "make_shards.sbatch"), *args], tmp_path, env)
+    rerun = sbatch(["--array=1", "--cpus-per-task=1", str(REPO / "slurm" / "make_shards.sbatch"), *args], tmp_path,
+                   job_env(TGDP_SHARD_TASKS="4"))
+    cancel_jobs.append(rerun)
     wait_array(rerun, {1}, 300)
-    assert array_states(rerun) == ["COMPLETED"]
+    assert array_states(rerun) == ["COMPLETED"], (tmp_path / f"tgdp-shards-{rerun}_1.out").read_text()[-2000:]
+    rerun_log = (tmp_path / f"tgdp-shards-{rerun}_1.out").read_text()
+    assert f"resuming after {len(done_before)} finished shards" in rerun_log, rerun_log[-2000:]
+    for name, data in done_before.items():  # the finished shards were kept as they were
+        assert (part1 / name).read_bytes() == data
     nodes = set(subprocess.run(["sacct", "-n", "-X", "-P", "-o", "NodeList", "-j", job], capture_output=True,
                                text=True).stdout.split())
     assert nodes >= set(HOSTS), nodes  # the array was spread over both nodes
-    rerun_log = "".join(p.read_text() for p in tmp_path.glob(f"tgdp-shards-{rerun}_1.out"))
-    assert "resum" in rerun_log.lower(), rerun_log[-2000:]
 
     index = read_index(out)
     assert index.params["merged_parts"] == 4
@@ -376,9 +392,7 @@ def test_make_shards_array_over_two_nodes_with_a_killed_task(slurm, corpus, tmp_
     for shard in index.shards:
         with tarfile.open(out / shard.name) as tar:
             keys += [m.name.split(".")[0] for m in tar.getmembers() if m.name.endswith(".json")]
-    assert sorted(keys) == sorted(c.key for c in read_clips(manifest)) and len(keys) == len(set(keys))
-    assert done_before[0] in {Path(s.name).name for s in index.shards if s.name.startswith(part1.name)}
-    shutil.rmtree(inputs)
+    assert sorted(keys) == sorted(c.key for c in read_clips(manifest)) and len(keys) == len(set(keys)) == 24
 
 
 def array_states(job: str) -> list[str]:
