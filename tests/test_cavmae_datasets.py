@@ -295,3 +295,17 @@ def test_cluster_parts_merge_the_frame_histogram(cavmae10, tmp_path):
     merged = merge_parts(tmp_path, expect_tasks=2)
     assert merged.samples == 8 and read_index(tmp_path).content.frame_counts == {10: 8}
     assert json.loads((tmp_path / "report.json").read_text())["frame_counts"] == {"10": 8}
+
+
+def test_resume_from_a_journal_without_frame_counts(cavmae10, tmp_path):
+    """A run interrupted under a version that did not record frame counts resumes into an index that has them."""
+    datafile, _ = cavmae10
+    cfg = ShardingConfig(input=str(datafile), output=str(tmp_path), workers=1, progress=False, max_samples_per_shard=4)
+    make_shards(cfg)
+    journal = tmp_path / ".make_shards.journal.jsonl"
+    lines = [json.loads(line) for line in journal.read_text().splitlines()]
+    journal.write_text("".join(json.dumps({k: v for k, v in r.items() if k not in ("content", "frame_gaps")}) + "\n"
+                               for r in lines))
+    (tmp_path / "index.json").unlink()
+    result = make_shards(cfg)
+    assert result.resumed_from_shard == 2 and read_index(tmp_path).content.frame_counts == {10: 8}
