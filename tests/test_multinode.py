@@ -141,7 +141,8 @@ def drills(slurm, slurm_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("multinode_requeue")
     reference = torchrun_reference(root / "reference", train_args(slurm_shards, root / "reference", DRILL_STEPS),
                                    free_port())
-    job = submit_pretrain(root, "sbatch", train_args(slurm_shards, root / "sbatch", DRILL_STEPS),
+    job = submit_pretrain(root, "sbatch", [*train_args(slurm_shards, root / "sbatch", DRILL_STEPS),
+                                           "checkpoint.keep_last=0"],  # the stop's checkpoint is inspected
                           extra=(f"--signal=B:USR1@{WARN_S}",))
     sbatch_drill = TimeLimitDrill(root / "sbatch", job).start()
     submitit_drill = TimeLimitDrill(root / "submitit")
@@ -173,9 +174,9 @@ def test_two_node_sbatch_requeue_resumes_bitwise_exact(drills):
     assert wait_job_done(job, 900) == "COMPLETED", (drill.events, job_log(root, job)[-3000:])
     assert not drill.error, drill.error
     log = job_log(root, job)
-    stopped = re.search(r"stopped at step (\d+) by SIGUSR1", log)
-    assert stopped and "requeueing job" in log, log[-3000:]
-    step = int(stopped.group(1))
+    stops = re.findall(r"stopped at step (\d+) by SIGUSR1", log)  # one line per rank
+    assert len(stops) == NODES * PROCS and len(set(stops)) == 1 and "requeueing job" in log, log[-3000:]
+    step = int(stops[0])
     saved = json.loads((root / "sbatch" / "checkpoints" / f"step_{step:08d}" / "meta.json").read_text())
     assert saved["world_size"] == NODES * PROCS  # one checkpoint, written by every rank of both nodes
     assert sorted(p.name for p in (root / "sbatch" / "checkpoints" / f"step_{step:08d}").glob("rank_*.json")) == \
