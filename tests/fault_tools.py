@@ -82,6 +82,48 @@ def wait_until(condition: Callable[[], bool], proc: subprocess.Popen, what: str,
     raise AssertionError(f"timed out after {timeout} s waiting until {what}")
 
 
+def tagged_env(tag: str, **extra: str) -> dict[str, str]:
+    """`process_env` plus a tag every descendant inherits (launcher, ranks, forkservers, resource
+    trackers, decoders), so `tagged_processes` finds them even after they were orphaned."""
+    return process_env(TGDP_TEST_PROCESS_TAG=tag, **extra)
+
+
+def tagged_processes(tag: str) -> dict[int, str]:
+    """pid -> command line of every live process (not a zombie) started with `tagged_env(tag)`."""
+    needle = f"TGDP_TEST_PROCESS_TAG={tag}".encode()
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if needle not in fh.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                if fh.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                found[int(entry)] = fh.read().replace(b"\0", b" ").decode(errors="replace")[:200]
+        except OSError:  # gone meanwhile
+            continue
+    return found
+
+
+def assert_no_process_left(tag: str, within: float = 60) -> None:
+    """Every process of the run has ended within `within` seconds; leftovers are killed (so they
+    cannot disturb later tests) and reported."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        left = tagged_processes(tag)
+        if not left:
+            return
+        time.sleep(0.2)
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, 9)
+    raise AssertionError(f"processes of the run still alive {within} s after it ended: {left}")
+
+
 def logged_step(run_dir: Path) -> int:
     """The last step in `run_dir/metrics.jsonl` (0 before the first record)."""
     path = run_dir / "metrics.jsonl"

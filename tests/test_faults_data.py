@@ -14,9 +14,20 @@ import tarfile
 import textwrap
 
 from tests.conftest import REPO, run_tool
-from tests.fault_tools import fill_disk, finish, process_env, small_disk, train_one_process, wait_until
+from tests.fault_tools import (
+    assert_no_process_left,
+    fill_disk,
+    finish,
+    process_env,
+    small_disk,
+    tagged_env,
+    torchrun,
+    train_one_process,
+    wait_until,
+)
 from tests.shard_factory import make_shards
 from tests.tar_fuzz import SAMPLES_PER_SHARD, base_shards, damaged_shards, headers, write_shard_set
+from tgdp.checkpoint import incompleteness
 from tgdp.data import sampling as S
 from tgdp.data.format import read_index
 from tgdp.metrics import read_metrics
@@ -137,3 +148,32 @@ def test_training_streams_every_damaged_shard_and_counts_the_damage(tmp_path):
     assert len(damaged) >= 300, len(damaged)
     assert records[-1]["data/shard_errors"] == len(problems)
     assert records[-1]["data/skipped"] == out.count("skipped corrupt sample key=") > 0
+
+
+def test_a_shard_whose_read_blocks_stops_every_rank_within_the_bound_naming_it(tmp_path):
+    """Rank 1's decoder opens a shard that is a named pipe no one writes (as a hung file system
+    would block it): rank 1 gives up after data.wait_timeout_s, names the worker and the shard,
+    every rank writes the stop checkpoint and exits 5, and no process of the run stays behind."""
+    root = tmp_path / "shards"
+    make_shards(root, num_shards=8, samples_per_shard=8)
+    # epoch mode: each rank reads its own 4 shards; rank 1's last one blocks, a few steps in
+    mine = S.epoch_shard_slice(S.load_shard_set(str(root)), seed=0, epoch=0, rank=1, worker=0, world_size=2,
+                               streams=1)
+    blocked = mine[-1].url
+    os.unlink(blocked)
+    os.mkfifo(blocked)
+    run, tag, bound = tmp_path / "run", f"stall-{os.getpid()}", 15
+    proc = torchrun(["--config", "tiny", "--shards", str(root), "--steps", "200", "--run-dir", str(run),
+                     "logging.wandb=false", "logging.log_every=1", "logging.image_every=0", "data.batch_size=4",
+                     "data.mode=epoch", "checkpoint.every_steps=0", f"data.wait_timeout_s={bound}"],
+                    env=tagged_env(tag))
+    out = finish(proc, timeout=bound + 240)
+    assert proc.returncode != 0, out
+    message = f"rank 1 waited {bound} s for a batch (data.wait_timeout_s={bound}): decoder worker 0 (pid "
+    assert message in out and f"is opening shard {blocked} (before its first member)" in out, out[-4000:]
+    assert "rank 0 waited" not in out  # rank 0 had its batches and stopped with rank 1
+    saved = sorted((run / "checkpoints").glob("step_*"))
+    assert len(saved) == 1 and incompleteness(saved[0]) is None and saved[0].name != "step_00000000", out[-4000:]
+    assert f"A checkpoint of step {int(saved[0].name[5:])} was written" in out
+    assert out.count("exitcode  : 5") == 2, out[-3000:]  # torchrun's summary: EXIT_DATA_STALL on both ranks
+    assert_no_process_left(tag)

@@ -24,14 +24,15 @@ if __package__ in (None, ""):  # run as a file (accelerate / torchrun): make `tg
 
 from tgdp.checkpoint import CheckpointSaveError, find_latest_complete  # noqa: E402
 from tgdp.config import ConfigError, parse_cli, to_yaml  # noqa: E402
-from tgdp.data.loader import ShardLoader  # noqa: E402
+from tgdp.data.loader import EXIT_DATA_STALL, ShardLoader  # noqa: E402
 from tgdp.data.sampling import load_shard_set  # noqa: E402
-from tgdp.trainer import NonFiniteStop, TrainConfig, Trainer  # noqa: E402
+from tgdp.trainer import DataStall, NonFiniteStop, StopRequested, TrainConfig, Trainer  # noqa: E402
 
 log = logging.getLogger("tgdp.train")
 
 # Exit codes besides 0 (done or stopped by a signal with a checkpoint) and 2 (unusable config or
-# path, nothing started): see docs/reliability.md.
+# path, nothing started): see docs/reliability.md. EXIT_DATA_STALL (5): a rank waited past
+# data.wait_timeout_s for a batch.
 EXIT_NONFINITE = 3
 EXIT_SAVE_FAILED = 4
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -49,7 +50,23 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     return parse_cli(TrainConfig, "train", argv, description="TG-DP pretraining.", flags=FLAGS, default_preset="tiny")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, stop: StopRequested | None = None) -> int:
+    """Train; returns the exit code. SIGTERM / SIGUSR1 only set a flag while it runs: one that
+    arrives before the loop stops the run before its first step. `stop`: a caller that owns the
+    process installs that flag itself and keeps it until the process ends (the `__main__` block
+    does, so a signal during the teardown, e.g. from a launcher that saw another rank end, leaves
+    this rank its own exit code); otherwise the previous handlers are restored on return."""
+    own = stop is None
+    stop = stop if stop is not None else StopRequested()
+    stop.install()
+    try:
+        return _main(argv, stop)
+    finally:
+        if own:
+            stop.uninstall()
+
+
+def _main(argv: Sequence[str] | None, stop: StopRequested) -> int:
     cfg = parse_args(argv)
     try:
         check_paths(cfg)
@@ -58,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, stop=stop)
     except ConfigError as exc:  # a rule that needs the launched processes (e.g. hsdp's shard group size)
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2
@@ -73,6 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         agreed_end = True
         log.error("%s", exc)
         return EXIT_NONFINITE
+    except DataStall as exc:  # every rank stopped together after a checkpoint
+        agreed_end = True
+        if trainer.env.rank == 0:  # the message holds every stuck rank's report
+            log.error("%s", exc)
+        return EXIT_DATA_STALL
     except ConfigError as exc:  # found after start-up (e.g. resuming under an incompatible config)
         log.error("%s", exc)
         return 2
@@ -124,4 +146,6 @@ def _resume_hint(cfg: TrainConfig) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _stop = StopRequested()
+    _stop.install()  # until the process ends, its teardown included
+    sys.exit(main(stop=_stop))

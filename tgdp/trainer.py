@@ -26,7 +26,7 @@ from tgdp.checkpoint.files import read_json
 from tgdp.checkpoint.layout import META_FILE
 from tgdp.checkpoint.zero_state import ZeroEngineState, ZeroModelState, ZeroOptimizerState
 from tgdp.config import ConfigError, config_record, to_dict
-from tgdp.data.loader import DataConfig, ShardLoader
+from tgdp.data.loader import DataConfig, DataWaitInterrupted, DataWaitTimeout, ShardLoader
 from tgdp.eval.periodic import PeriodicEvalConfig, PeriodicRetrieval
 from tgdp.metrics import LoggingConfig, MetricLogger, Throughput, peak_flops
 from tgdp.models.config import ModelConfig
@@ -129,7 +129,7 @@ class StopRequested:
     Slurm sends SIGUSR1 (`--signal`) before the time limit and SIGTERM on preemption. torchrun
     forwards SIGTERM to its workers, SIGUSR1 only when listed in `--signals-to-handle`
     (docs/training.md). Every rank must agree to stop at the same step (a collective
-    follows), so the flag is all-reduced once per step.
+    follows), so the flag is all-reduced once per step (`Trainer._agree`).
     """
 
     def __init__(self) -> None:
@@ -137,9 +137,13 @@ class StopRequested:
         self.signal_name = ""
         self._previous: dict[int, Any] = {}
 
-    def install(self) -> None:
+    def install(self) -> bool:
+        """Catch the stop signals from now on; False when they already were (nothing changed)."""
+        if self._previous:
+            return False
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        return True
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
@@ -150,14 +154,19 @@ class StopRequested:
         self.flag = True
         self.signal_name = signal.Signals(signum).name
 
-    def agreed(self) -> bool:
-        """The flag, OR-ed over ranks. A CPU tensor: the process group's gloo side carries it, so
-        asking every step does not drain the CUDA queue (the optimizer and EMA kernels keep running)."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return self.flag
-        t = torch.tensor([1.0 if self.flag else 0.0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+
+
+class DataStall(RuntimeError):
+    """A rank waited longer than data.wait_timeout_s for its batches; every rank stopped after
+    writing a checkpoint. The message names each stuck rank's decoder worker, shard and member."""
+
+
+@dataclass
+class _Fetched:
+    """One step's batches as a rank fetched them; `stall` is the loader's report when it could not."""
+
+    batches: list[dict[str, Any]]
+    stall: str = ""
 
 
 @dataclass
@@ -196,7 +205,10 @@ def _global_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tens
 class Trainer:
     """Builds everything from a `TrainConfig` and runs `train()`; itself checkpointable state."""
 
-    def __init__(self, cfg: TrainConfig, init_method: str | None = None):
+    def __init__(self, cfg: TrainConfig, init_method: str | None = None, stop: StopRequested | None = None):
+        """`stop`: the stop-signal flag, when the caller installed it before building the trainer
+        (train.py does, so a signal during model building or resume stops the run before its first
+        step instead of killing it)."""
         cfg.validate()
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
@@ -224,14 +236,15 @@ class Trainer:
         self.lrs = lr_schedule(cfg.optim, cfg.total_steps)
         if cfg.data.pin_memory is None:  # pinned host batches make the `non_blocking` copies really async
             cfg.data.pin_memory = self.device.type == "cuda"
-        self.loader = ShardLoader(cfg.data, self.env.rank, self.env.world_size)
+        self.stop = stop if stop is not None else StopRequested()
+        self.loader = ShardLoader(cfg.data, self.env.rank, self.env.world_size, stop_requested=lambda: self.stop.flag)
+        self._data_state: dict[str, Any] | None = None  # the loader's position before a fetch not yet trained on
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint, self.env.rank, self.env.world_size)
         self.flops_per_sample = flops_per_sample(cfg.model, cfg.task)
         self.guard = NonFiniteGuard(
             cfg.max_nonfinite_steps, self.device, self._guard_mode(),
             hint=f"a checkpoint of the last good state is in {self.ckpt.root}. Lower optim.lr, check the data "
                  "(data/skipped), or use parallel.mixed_precision=fp32 to investigate")
-        self.stop = StopRequested()
         self.run_id: str | None = None
         self._last_saved_step = -1
         self._last_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -333,9 +346,10 @@ class Trainer:
                         ", ".join(f"{k}={old.get(k)!r}->{new.get(k)!r}" for k in changed))
 
     def save(self) -> Path:
+        data = self._data_state if self._data_state is not None else self.loader.state_dict()
         path = self.ckpt.save(self.step, self.app_state(),
                               extra={"run_id": self.run_id, "config": config_record(self.cfg)},
-                              rank_state={"data": self.loader.state_dict()})
+                              rank_state={"data": data})
         self._last_saved_step = self.step
         return path
 
@@ -360,11 +374,17 @@ class Trainer:
         meter = Throughput(self.flops_per_sample, peak, env.world_size, self.device)
         batches = meter.timed(self._batches())
         periodic = PeriodicRetrieval(cfg.eval, cfg.model.audio_frames, cfg.model.image_size, self.task, self.device)
-        self.stop.install()
-        stopped_by = ""
+        installed = self.stop.install()
+        stopped_by, stalled = "", ""
         try:
             while self.step < cfg.total_steps:
-                out, result = self.train_step(batches)
+                # The step's batches come before its first collective, and every rank learns
+                # whether any rank got a stop signal or could not get its batches: they stop together.
+                fetched = self._fetch(batches)
+                stopped_by, stalled = self._agree(fetched)
+                if stopped_by or stalled:
+                    break
+                out, result = self._take_step(fetched)
                 meter.step_done(cfg.data.batch_size * cfg.grad_accum,
                                 self._flops_at(self.step - 1))
                 if logger.should_log(self.step) or self.step == cfg.total_steps:
@@ -382,22 +402,23 @@ class Trainer:
                     meter.reset()  # evaluation time is not training throughput
                 if env.rank == 0 and cfg.logging.image_every and self.step % cfg.logging.image_every == 0:
                     logger.log_images(self.step, self._pictures(out))
-                if self.stop.agreed():
-                    stopped_by = self.stop.signal_name or "another rank's signal"
-                    break
                 if self.ckpt.should_save(self.step):
                     self.save()
             self.guard.settle()
             finished = self.step >= cfg.total_steps and cfg.checkpoint.save_final
-            if (stopped_by or finished) and self._last_saved_step != self.step:
-                self.save()
+            if (stopped_by or stalled or finished) and self._last_saved_step != self.step and self.step > 0:
+                self.save()  # (a stop before the first step of a new run has nothing to save)
+            if stalled:
+                saved = f"A checkpoint of step {self.step} was written" if self.step else "No step was trained yet"
+                raise DataStall(f"{stalled}. {saved}; once the data is readable, re-run the same command to resume")
             if self.step >= cfg.total_steps and cfg.export_on_finish:
                 self.export()
         except NonFiniteStop:
             self.save()
             raise
         finally:
-            self.stop.uninstall()
+            if installed:
+                self.stop.uninstall()
             logger.close()
         metrics = self.run_dir / "metrics.jsonl"
         if env.rank == 0 and cfg.logging.image_every and metrics.exists():  # the whole run so far, resumes included
@@ -407,15 +428,57 @@ class Trainer:
     def _flops_at(self, step: int) -> float:
         return flops_per_sample(self.cfg.model, self.cfg.task, self.task.contrastive_mask_ratio(step))
 
+    def _fetch(self, batches: Iterator[dict[str, Any]]) -> "_Fetched":
+        """The next step's batches, or why this rank has none: a stop was requested first (then
+        nothing is fetched, or a wait is given up), or the loader waited past data.wait_timeout_s.
+        The loader's position before the fetch is kept: a checkpoint written instead of the step
+        must not count its batches."""
+        self._data_state = self.loader.state_dict()
+        if self.stop.flag:
+            return _Fetched([])
+        try:
+            return _Fetched([next(batches) for _ in range(self.cfg.grad_accum)])
+        except DataWaitInterrupted:
+            return _Fetched([])
+        except DataWaitTimeout as exc:
+            return _Fetched([], stall=str(exc))
+
+    def _agree(self, fetched: "_Fetched") -> tuple[str, str]:
+        """(stop signal, data stall) as every rank sees them: one small all-reduce per step on the
+        CPU (the gloo side of the group, so the CUDA queue keeps running); a stall's messages are
+        gathered from the ranks that stalled (rare)."""
+        flags = torch.tensor([1.0 if self.stop.flag else 0.0, 1.0 if fetched.stall else 0.0])
+        multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if multi:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, stall = bool(flags[0].item()), bool(flags[1].item())
+        if stall:
+            messages = [fetched.stall]
+            if multi:
+                messages = [None] * dist.get_world_size()
+                dist.all_gather_object(messages, fetched.stall)
+            return "", "; ".join(m for m in messages if m)
+        if stop:
+            return self.stop.signal_name or "another rank's signal", ""
+        return "", ""
+
     def train_step(self, batches: Iterator[dict[str, Any]]):
-        """Queue one optimizer step, count it, and read the non-finite verdicts that are ready
-        (under the device-side guard, the previous step's: this one stays in flight)."""
-        out, result = self._one_step(batches)
+        """Take the next step's batches from `batches`, queue one optimizer step, count it, and
+        read the non-finite verdicts that are ready (benchmarks; `train` fetches first)."""
+        self._data_state = None
+        return self._take_step(_Fetched([next(batches) for _ in range(self.cfg.grad_accum)]))
+
+    def _take_step(self, fetched: "_Fetched"):
+        """Queue one optimizer step on fetched batches, count it, and read the non-finite
+        verdicts that are ready (under the device-side guard, the previous step's: this one stays
+        in flight)."""
+        self._data_state = None  # the loader's live position now includes this step's batches
+        out, result = self._one_step(fetched.batches)
         self.step += 1
         self.guard.settle(wait=False)
         return out, result
 
-    def _one_step(self, batches: Iterator[dict[str, Any]]):
+    def _one_step(self, fetched: list[dict[str, Any]]):
         """One optimizer step, queued without reading anything back from the device (device-side
         guard) or with one read, the apply-or-skip decision (host-side guard).
 
@@ -435,7 +498,7 @@ class Trainer:
         losses = []
         out = None
         inputs = [(b["audio"].to(self.device, non_blocking=True), b["frames"].to(self.device, non_blocking=True))
-                  for b in (next(batches) for _ in range(cfg.grad_accum))]
+                  for b in fetched]
         # Accumulation keeps the WHOLE step's batch as InfoNCE negatives (docs/training.md).
         bank = task.contrastive_bank(inputs, step, self.env.rank) \
             if cfg.grad_accum > 1 and cfg.task.contrastive_loss == "symmetric_gather" else None

@@ -49,11 +49,14 @@ import contextlib
 import copy
 import logging
 import multiprocessing as mp
+import os
 import random
 import signal
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -78,6 +81,11 @@ WORKER_BLOCKED_SIGNALS = frozenset({signal.SIGUSR1})
 # A worker that sees this many corrupt samples in a row is reading systematically wrong data
 # (e.g. shards of another format); stop instead of spinning forever.
 MAX_CONSECUTIVE_BAD = 1000
+# How often a rank waiting for a batch looks up from the wait: for a stop request, and to check
+# the wait against data.wait_timeout_s.
+WAIT_POLL_S = 1.0
+# The exit code of a rank whose loader waited past data.wait_timeout_s (train.py uses it too).
+EXIT_DATA_STALL = 5
 
 
 @dataclass
@@ -116,6 +124,9 @@ class DataConfig:
     prefetch_factor: int = 2
     pin_memory: bool | None = None  # None: pin when the trainer runs on CUDA (async host-to-device copies)
     on_layout_change: str = "fast_forward"  # resume policy, see the module docstring
+    # The data watchdog: the longest a rank waits for one batch before it stops the run with an
+    # error naming the decoder worker, the shard and the member it is stuck in (docs/reliability.md).
+    wait_timeout_s: float = 600.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self) -> None:
@@ -146,6 +157,7 @@ class DataConfig:
         need(self.start_method in START_METHODS,
              f"data.start_method must be one of {START_METHODS}, got {self.start_method!r}")
         need(self.prefetch_factor >= 1, f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
+        need(self.wait_timeout_s > 0, f"data.wait_timeout_s must be > 0 (seconds), got {self.wait_timeout_s}")
         need(self.on_layout_change in LAYOUT_POLICIES,
              f"data.on_layout_change must be one of {LAYOUT_POLICIES}, got {self.on_layout_change!r}")
         a = self.augment
@@ -158,16 +170,56 @@ class DataConfig:
         need(0 <= a.time_shift < 1, f"data.augment.time_shift must be in [0, 1), got {a.time_shift}")
 
 
+class DataWaitTimeout(RuntimeError):
+    """The rank waited longer than data.wait_timeout_s for a batch; the message names the decoder
+    worker, the shard and the member it is stuck in."""
+
+
+class DataWaitInterrupted(Exception):
+    """A stop was requested while the rank waited for a batch: the wait was given up."""
+
+
 # ----------------------------------------------------------------------------- worker side
+
+
+class _Progress:
+    """Where each stream is (opening a shard, reading one of its members, decoding a sample), in
+    memory the rank shares with its decoder processes, so a rank waiting for a late batch can name
+    what the worker is stuck in. One fixed slot per stream; a worker writes only its own."""
+
+    SLOT = 1024
+    SEP = "\x1f"
+
+    def __init__(self, streams: int, shared_with: Any = None):
+        size = streams * self.SLOT
+        self._buf = shared_with.RawArray("c", size) if shared_with is not None else bytearray(size)
+
+    def set(self, stream: int, stage: str, shard: str, detail: str = "") -> None:
+        text = self.SEP.join((str(os.getpid()), stage, shard, detail))
+        data = text.encode("utf-8", "backslashreplace")[: self.SLOT - 1] + b"\0"
+        start = stream * self.SLOT
+        self._buf[start:start + len(data)] = data
+
+    def describe(self, stream: int) -> str:
+        raw = bytes(self._buf[stream * self.SLOT:(stream + 1) * self.SLOT]).split(b"\0", 1)[0]
+        if not raw:
+            return f"decoder stream {stream} has not started reading"
+        pid, stage, shard, detail = (raw.decode("utf-8", "replace").split(self.SEP) + ["", "", "", ""])[:4]
+        where = {"open": f"is opening shard {shard} (before its first member)",
+                 "read": f"is reading member {detail} of shard {shard}",
+                 "decode": f"is decoding sample {detail} of shard {shard}"}.get(stage, f"is at {stage} {shard}")
+        return f"decoder worker {stream} (pid {pid}) {where}"
 
 
 class _Streams(IterableDataset):
     """The per-worker batch streams of one rank for one epoch (re-created every epoch)."""
 
     def __init__(self, cfg: DataConfig, shards: list[S.ShardEntry], plan: S.EpochPlan, rank: int,
-                 vocab: LabelVocab | None, epoch: int, rotate: int, resume: list[S.WorkerResume]):
+                 vocab: LabelVocab | None, epoch: int, rotate: int, resume: list[S.WorkerResume],
+                 progress: _Progress):
         self.cfg, self.shards, self.plan, self.rank = cfg, shards, plan, rank
         self.vocab, self.epoch, self.rotate, self.resume = vocab, epoch, rotate, resume
+        self.progress = progress
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -184,7 +236,10 @@ class _Streams(IterableDataset):
 
         def read(shards: list[S.ShardEntry], counter: list[int]) -> Iterator[dict[str, Any]]:
             for shard in shards:
-                for sample in S.read_shard(shard.url, shard.samples, stats):
+                url = shard.url
+                self.progress.set(worker, "open", url)
+                members = lambda name: self.progress.set(worker, "read", url, name)  # noqa: E731
+                for sample in S.read_shard(url, shard.samples, stats, on_member=members):
                     counter[0] += 1
                     yield sample
 
@@ -230,6 +285,7 @@ class _Streams(IterableDataset):
                 raw = next(stream)
                 rng = S.sample_rng(cfg.seed, self.epoch, self.rank, worker, position)
                 position += 1
+                self.progress.set(worker, "decode", raw.get("__url__", "?"), raw.get("__key__", "?"))
                 try:
                     items.append(decoder(raw, rng))
                     bad_run = 0
@@ -272,13 +328,48 @@ def _worker_signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+class _InProcessWatch:
+    """The data watchdog of a loader without decoder processes: the reading happens in the
+    training process itself, so a stuck read cannot be given up. A thread checks the wait; past
+    the bound it logs the report and ends the process with EXIT_DATA_STALL."""
+
+    def __init__(self, bound: float, report: Callable[[float], str]):
+        self.bound, self.report = bound, report
+        self.since: float | None = None
+        threading.Thread(target=self._run, name="tgdp-data-watchdog", daemon=True).start()
+
+    def __enter__(self) -> None:
+        self.since = time.monotonic()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.since = None
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(min(WAIT_POLL_S, self.bound))
+            since = self.since
+            if since is not None and time.monotonic() - since > self.bound:
+                log.error("%s; the loader reads in the training process (data.num_workers=0), which cannot give "
+                          "up the read: exiting without a checkpoint", self.report(time.monotonic() - since))
+                logging.shutdown()
+                os._exit(EXIT_DATA_STALL)
+
+
 # ----------------------------------------------------------------------------- main process
 
 
 class ShardLoader:
-    """The resumable per-rank loader: iterate it once per epoch; `state_dict()` at any batch."""
+    """The resumable per-rank loader: iterate it once per epoch; `state_dict()` at any batch.
 
-    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1):
+    A wait for one batch is bounded by `data.wait_timeout_s`: past it, iteration raises
+    `DataWaitTimeout` naming the decoder worker, the shard and the member it is stuck in. With
+    `stop_requested`, a wait is given up (`DataWaitInterrupted`) within WAIT_POLL_S of it returning
+    true. With num_workers=0 the reading happens in this process and cannot be given up: past the
+    bound the same message is logged and the process exits with EXIT_DATA_STALL.
+    """
+
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1,
+                 stop_requested: Callable[[], bool] | None = None):
         cfg = copy.deepcopy(cfg)  # load_state_dict may adopt the checkpoint's seed
         cfg.validate()
         if not 0 <= rank < world_size:
@@ -299,6 +390,10 @@ class ShardLoader:
         self._skipped_before = 0  # totals of finished epochs (and of restored runs)
         self._shard_errors_before = 0
         self._unknown_labels: set[str] = set()
+        self.stop_requested = stop_requested
+        shared = mp.get_context(cfg.start_method) if cfg.num_workers else None
+        self._progress = _Progress(self.plan.streams, shared)
+        self._watch: _InProcessWatch | None = None
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (equal on every rank)."""
@@ -330,11 +425,15 @@ class ShardLoader:
             self._finish_epoch()
         streams = self.plan.streams
         dataset = _Streams(self.cfg, self.shards, self.plan, self.rank, self.vocab, self.epoch,
-                           self.batches % streams, [S.WorkerResume(**vars(w)) for w in self._workers])
+                           self.batches % streams, [S.WorkerResume(**vars(w)) for w in self._workers],
+                           self._progress)
         loader = DataLoader(dataset, batch_size=None, **self._loader_kwargs())
         with _worker_signals_blocked() if self.cfg.num_workers else contextlib.nullcontext():
             batches = iter(loader)  # starts the worker processes
-        for batch in batches:
+        while True:
+            batch = self._next_batch(batches)
+            if batch is None:
+                return
             self._account(batch)
             self.batches += 1
             if self.batches == len(self):
@@ -349,8 +448,41 @@ class ShardLoader:
             ctx = mp.get_context(cfg.start_method)
             if cfg.start_method == "forkserver":  # import torch & co once in the server, not per worker
                 ctx.set_forkserver_preload(["__main__", "tgdp.data.loader"])
-            kwargs.update(multiprocessing_context=ctx, prefetch_factor=cfg.prefetch_factor, persistent_workers=False)
+            kwargs.update(multiprocessing_context=ctx, prefetch_factor=cfg.prefetch_factor, persistent_workers=False,
+                          timeout=WAIT_POLL_S)  # a wait returns every WAIT_POLL_S (`_next_batch` goes on)
         return kwargs
+
+    def _next_batch(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any] | None:
+        """The next batch of the epoch (None at its end), waiting at most data.wait_timeout_s."""
+        if not self.cfg.num_workers:
+            if self._watch is None:
+                self._watch = _InProcessWatch(self.cfg.wait_timeout_s, self._stall_report)
+            with self._watch:
+                return next(batches, None)
+        started = time.monotonic()
+        while True:
+            try:
+                return next(batches)
+            except StopIteration:
+                return None
+            except RuntimeError as exc:
+                if "DataLoader timed out" not in str(exc):  # a worker's error, or one that died
+                    raise
+            waited = time.monotonic() - started
+            if self.stop_requested is not None and self.stop_requested():
+                raise DataWaitInterrupted(f"stop requested after waiting {waited:.0f} s for a batch")
+            if waited >= self.cfg.wait_timeout_s:
+                raise DataWaitTimeout(self._stall_report(waited))
+
+    def _stall_report(self, waited: float) -> str:
+        """Which worker owes the next batch and what it is doing (the others follow)."""
+        streams = self.plan.streams
+        due = self.batches % streams  # batch i of the epoch comes from stream i % streams
+        others = "; ".join(self._progress.describe(w) for w in range(streams) if w != due)
+        return (f"rank {self.rank} waited {waited:.0f} s for a batch (data.wait_timeout_s="
+                f"{self.cfg.wait_timeout_s:g}): {self._progress.describe(due)}"
+                + (f". Other decoders: {others}" if others else "")
+                + ". Check that shard's file system, or remove the shard from the index")
 
     def _account(self, batch: dict[str, Any]) -> None:
         """Record the batch's worker position and counters; report its problems in this process

@@ -21,7 +21,7 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 from webdataset.tariterators import base_plus_ext
@@ -196,14 +196,15 @@ class StreamStats:
             self.events.append((url, "", reason))
 
 
-def read_shard(url: str, expected: int, stats: StreamStats) -> Iterator[dict[str, Any]]:
+def read_shard(url: str, expected: int, stats: StreamStats,
+               on_member: Callable[[str], None] | None = None) -> Iterator[dict[str, Any]]:
     """Samples of one shard, grouped by key. A missing, empty, truncated or short shard is reported
     once and yields what it could; a sample cut by truncation lacks members and is rejected (with
-    its key) at decode time."""
+    its key) at decode time. `on_member(name)` is called before each member is read."""
     count, current, problem = 0, None, ""
     try:
         with open(url, "rb") as fh:
-            for name, data in iter_members(fh, select=_KNOWN_MEMBER.search):
+            for name, data in iter_members(fh, select=_KNOWN_MEMBER.search, on_member=on_member):
                 key, ext = base_plus_ext(name)
                 if key is None:
                     continue

@@ -45,10 +45,12 @@ _PAX_LENGTH = re.compile(rb"([0-9]{1,20}) ")
 _ENCODING, _ERRORS = "utf-8", "surrogateescape"  # tarfile's defaults on Linux: names round-trip
 
 
-def iter_members(fh: BinaryIO, select: Callable[[str], object] | None = None) -> Iterator[tuple[str, bytes]]:
+def iter_members(fh: BinaryIO, select: Callable[[str], object] | None = None,
+                 on_member: Callable[[str], None] | None = None) -> Iterator[tuple[str, bytes]]:
     """Yield `(name, data)` of the regular files in a tar stream; members `select` rejects are
-    skipped without being read into memory when the stream can seek. Raises only
-    `tarfile.ReadError`, after yielding every member before the damage."""
+    skipped without being read into memory when the stream can seek. `on_member(name)` is called
+    before a member's data is read (the loader's watchdog names the member a stuck read is in).
+    Raises only `tarfile.ReadError`, after yielding every member before the damage."""
     src = _Source(fh)
     global_pax: dict[str, str] = {}
     # Extended headers waiting for their member, outermost first: (type, long name or PAX records, offset)
@@ -105,6 +107,8 @@ def iter_members(fh: BinaryIO, select: Callable[[str], object] | None = None) ->
             raise _error(at, f"negative size {min(size, skipped)}")
         next_at = data_at + (_block(skipped) if has_data else 0)
         if kind in _REGULAR and (select is None or select(name)):
+            if on_member is not None:
+                on_member(name)
             yield name, src.read_member(data_at, size, next_at, at, name)
         src.seek(next_at, at)
 
