@@ -109,6 +109,33 @@ def tagged_processes(tag: str) -> dict[int, str]:
     return found
 
 
+def rank_pids(launcher_pid: int) -> dict[int, int]:
+    """Global rank -> pid of the rank processes a launcher (torchrun) started."""
+    out = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout
+    ranks = {}
+    for pid in map(int, out.split()):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                env = dict(item.split(b"=", 1) for item in fh.read().split(b"\0") if b"=" in item)
+            if b"RANK" in env:
+                ranks[int(env[b"RANK"])] = pid
+    return ranks
+
+
+def wait_gone(pid: int, timeout: float) -> float | None:
+    """Seconds until process `pid` ended (exited or a zombie), or None if it lived past `timeout`."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                if fh.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    return time.monotonic() - start
+        except OSError:
+            return time.monotonic() - start
+        time.sleep(0.05)
+    return None
+
+
 def assert_no_process_left(tag: str, within: float = 60) -> None:
     """Every process of the run has ended within `within` seconds; leftovers are killed (so they
     cannot disturb later tests) and reported."""

@@ -1,7 +1,8 @@
 """Fault injection into real training runs (torchrun, 2 gloo FSDP2 ranks, real shards and files):
-a rank SIGKILLed mid-checkpoint, three stop signals in one run, damaged and vanishing shards, a
-full disk while checkpointing. Each run is compared with an uninterrupted one where that is the
-claim. docs/reliability.md maps every fault to its test."""
+a rank SIGKILLed mid-checkpoint, a rank that stops answering or dies mid-step, three stop signals
+in one run, damaged and vanishing shards, a full disk while checkpointing. Each run is compared
+with an uninterrupted one where that is the claim. docs/reliability.md maps every fault to its
+test."""
 
 from __future__ import annotations
 
@@ -13,14 +14,18 @@ from pathlib import Path
 import pytest
 
 from tests.fault_tools import (
+    assert_no_process_left,
     fill_disk,
     finish,
     logged_step,
     process_env,
+    rank_pids,
     small_disk,
     start_one_process,
+    tagged_env,
     torchrun,
     train_one_process,
+    wait_gone,
     wait_until,
 )
 from tests.shard_factory import make_shards
@@ -89,6 +94,30 @@ def test_rank_sigkilled_mid_checkpoint_resumes_from_newest_complete(shards, stra
     assert f"resumed from {root / f'step_{EVERY:08d}'} at step {EVERY}" in out
     assert_same_run(straight, run)
     assert find_latest_complete(root) == root / f"step_{STEPS:08d}" and not broken.exists()
+
+
+@pytest.mark.parametrize("how", [signal.SIGSTOP, signal.SIGKILL], ids=["sigstop", "sigkill"])
+def test_a_rank_that_stops_answering_or_dies_mid_step_ends_every_rank_within_the_timeout(shards, tmp_path, how):
+    """Rank 1 is frozen (SIGSTOP: a hung host) or killed in the middle of a step: rank 0 leaves its
+    collective within parallel.timeout_s and exits naming rank 1, the launcher exits non-zero, and
+    no process of the run (ranks, forkservers, resource trackers, decoders) stays behind."""
+    timeout, run, tag = 20, tmp_path / "run", f"peer-{how.name}-{os.getpid()}"
+    proc = torchrun(args(shards, run, f"parallel.timeout_s={timeout}", "data.wait_timeout_s=10", steps=500),
+                    env=tagged_env(tag))
+    try:
+        wait_until(lambda: logged_step(run) >= 3, proc, "step 3")
+        ranks = rank_pids(proc.pid)
+        os.kill(ranks[1], how)
+        rank0_exit = wait_gone(ranks[0], timeout + 60)  # the bound plus the naming (a few heartbeats) and a slow CPU
+        out = finish(proc, timeout=120)  # torchrun then ends rank 1 (SIGTERM, after 30 s SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rank0_exit is not None, "rank 0 still waits for the lost rank"
+    assert proc.returncode != 0, out
+    assert "rank 0: rank 1 stopped answering (" in out and "a collective failed (" in out, out[-4000:]
+    assert "exitcode  : 6" in out, out[-3000:]  # EXIT_PEER_LOST from rank 0
+    assert_no_process_left(tag)
 
 
 @pytest.mark.slow

@@ -35,6 +35,7 @@ log = logging.getLogger("tgdp.train")
 # data.wait_timeout_s for a batch.
 EXIT_NONFINITE = 3
 EXIT_SAVE_FAILED = 4
+EXIT_PEER_LOST = 6  # a rank stopped answering or died (the peer watchdog, tgdp/parallel/watchdog.py)
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 FLAGS = {
@@ -80,6 +81,7 @@ def _main(argv: Sequence[str] | None, stop: StopRequested) -> int:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2
     agreed_end = False  # every rank ends here together (finished, stopped, or the shared non-finite stop)
+    lost = ""  # ranks that stopped answering, when a collective failed
     try:
         if trainer.env.rank == 0:
             Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
@@ -98,20 +100,37 @@ def _main(argv: Sequence[str] | None, stop: StopRequested) -> int:
     except ConfigError as exc:  # found after start-up (e.g. resuming under an incompatible config)
         log.error("%s", exc)
         return 2
-    except CheckpointSaveError as exc:
-        log.error("%s. %s", exc, _resume_hint(cfg))
-        return EXIT_SAVE_FAILED
-    except OSError as exc:
+    except (CheckpointSaveError, OSError) as exc:  # a save that failed on a peer fails here too
+        lost = trainer.lost_peers()
+        if lost:
+            return _peer_lost(trainer, cfg, exc, lost)
+        if isinstance(exc, CheckpointSaveError):
+            log.error("%s. %s", exc, _resume_hint(cfg))
+            return EXIT_SAVE_FAILED
         if exc.errno not in _DISK_FULL:
             raise
         log.error("writing %s failed: %s. %s", exc.filename or cfg.run_dir, os.strerror(exc.errno), _resume_hint(cfg))
         return EXIT_SAVE_FAILED
+    except Exception as exc:  # a failed collective (gloo / NCCL error or timeout), or a bug
+        lost = trainer.lost_peers()
+        if not lost:
+            raise
+        return _peer_lost(trainer, cfg, exc, lost)
     finally:
-        trainer.close(wait_for_peers=agreed_end)
+        if not lost:  # a group with a lost rank is left as it is: the process ends
+            trainer.close(wait_for_peers=agreed_end)
     if summary["stopped_by"]:
         log.info("stopped at step %d by %s; a checkpoint was written, re-run to resume", summary["step"],
                  summary["stopped_by"])
     return 0
+
+
+def _peer_lost(trainer: Trainer, cfg: TrainConfig, exc: BaseException, lost: str) -> int:
+    first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+    log.error("rank %d: %s; a collective failed (%s: %s). parallel.timeout_s=%g bounds such a wait. %s",
+              trainer.env.rank, lost, type(exc).__name__, first_line, cfg.parallel.timeout_s,
+              _resume_hint(cfg, "Check that rank's log and host"))
+    return EXIT_PEER_LOST
 
 
 def check_paths(cfg: TrainConfig) -> None:
@@ -138,11 +157,11 @@ def check_paths(cfg: TrainConfig) -> None:
         raise ConfigError(f"run_dir={cfg.run_dir!r}: {existing} is not a writable folder")
 
 
-def _resume_hint(cfg: TrainConfig) -> str:
-    """Where the run stands after a failed write: its newest complete checkpoint is untouched."""
+def _resume_hint(cfg: TrainConfig, fix: str = "Free space (or fix the error)") -> str:
+    """Where the run stands after a failure: its newest complete checkpoint is untouched."""
     latest = find_latest_complete(Path(cfg.run_dir) / cfg.checkpoint.folder, report=False)
     where = f"the newest complete checkpoint {latest} is intact" if latest else "no complete checkpoint yet"
-    return f"Training stopped; {where}. Free space (or fix the error) and re-run the same command to resume"
+    return f"Training stopped; {where}. {fix} and re-run the same command to resume"
 
 
 if __name__ == "__main__":

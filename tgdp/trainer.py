@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from tgdp import parallel as P
 from tgdp.parallel.config import SHARDED_BACKENDS, ZERO_BACKENDS
+from tgdp.parallel.watchdog import PeerWatch
 from tgdp.checkpoint import CheckpointConfig, CheckpointManager, OptimizerState
 from tgdp.checkpoint.files import read_json
 from tgdp.checkpoint.layout import META_FILE
@@ -107,6 +108,9 @@ class TrainConfig:
                               f"{self.grad_accum}, got {self.inject_nonfinite_micro}")
         if self.init.mae_checkpoint and self.init.official_checkpoint:
             raise ConfigError("set at most one of init.mae_checkpoint and init.official_checkpoint")
+        if d.wait_timeout_s >= self.parallel.timeout_s:
+            raise ConfigError(f"data.wait_timeout_s ({d.wait_timeout_s:g}) must be below parallel.timeout_s "
+                              f"({self.parallel.timeout_s:g}): the other ranks wait for a stalled one in a collective")
         t = self.task
         if t.uses_teacher and not m.cls_token:
             raise ConfigError("task.mode=tgdp needs model.cls_token=true: the teacher ranks patches by their attention to "
@@ -213,7 +217,8 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         device = None if cfg.device == "auto" else cfg.device
-        self.env = P.init_distributed(init_method=init_method, device=device)
+        self.env = P.init_distributed(init_method=init_method, device=device, timeout_s=cfg.parallel.timeout_s)
+        self.peers = PeerWatch.start(self.env.rank, self.env.world_size, cfg.parallel.timeout_s)
         self.device = self.env.device
         # The SAME seed on every rank: each rank builds the full student before sharding and keeps
         # its own slice, so all ranks must build identical weights (DDP / DeepSpeed would broadcast
@@ -353,6 +358,11 @@ class Trainer:
         self._last_saved_step = self.step
         return path
 
+    def lost_peers(self) -> str:
+        """After a failure: the ranks that stopped answering (died, hang, unreachable), or "" when
+        every other rank is alive or failing too (tgdp/parallel/watchdog.py)."""
+        return self.peers.lost_peers() if self.peers is not None else ""
+
     def close(self, wait_for_peers: bool = False) -> None:
         """Leave the process group (after a barrier when every rank is known to end together)."""
         P.destroy_distributed(wait_for_peers=wait_for_peers)
@@ -475,6 +485,8 @@ class Trainer:
         self._data_state = None  # the loader's live position now includes this step's batches
         out, result = self._one_step(fetched.batches)
         self.step += 1
+        if self.peers is not None:
+            self.peers.step = self.step
         self.guard.settle(wait=False)
         return out, result
 

@@ -47,10 +47,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import multiprocessing as mp
 import os
 import random
+import select
 import signal
 import threading
 import time
@@ -72,12 +74,15 @@ MODES = ("resampled", "epoch")
 SPLITS = ("train", "eval", "retrieval")
 LAYOUT_POLICIES = ("fast_forward", "restart", "error")
 START_METHODS = ("forkserver", "spawn", "fork")
-# Slurm's warning signal (`sbatch --signal`), a stop request for the training process. torchrun
-# forwards it to each rank's whole process group (os.killpg) and Slurm to every process of the job
-# step, so decoder processes get it too; its default action would kill a decoder the training
-# process may still be waiting on, turning a clean stop into "DataLoader worker exited
-# unexpectedly". SIGTERM is left alone: the DataLoader and multiprocessing stop workers with it.
-WORKER_BLOCKED_SIGNALS = frozenset({signal.SIGUSR1})
+# Stop requests for the training process: Slurm's warning (SIGUSR1, `sbatch --signal`), and
+# SIGTERM (scancel, preemption, torchrun's forwarding). torchrun signals each rank's whole process
+# group (os.killpg) and Slurm every process of the job step, so the decoder processes, their
+# forkserver and the resource tracker get them too. Dying of one would turn the rank's clean stop
+# into "DataLoader worker exited unexpectedly", so every helper keeps both blocked. A decoder
+# reads its SIGTERM in a thread (`_follow_rank`) and exits only when the rank itself sent it (the
+# DataLoader's shutdown, multiprocessing's exit handler) or when the rank is gone; the forkserver
+# and the resource tracker end when the rank and its decoders have (their pipes close).
+WORKER_BLOCKED_SIGNALS = frozenset({signal.SIGUSR1, signal.SIGTERM})
 # A worker that sees this many corrupt samples in a row is reading systematically wrong data
 # (e.g. shards of another format); stop instead of spinning forever.
 MAX_CONSECUTIVE_BAD = 1000
@@ -309,18 +314,48 @@ class _Streams(IterableDataset):
 # ----------------------------------------------------------------------------- signals
 
 
-def _worker_init(worker_id: int) -> None:
-    """Decoder processes leave SIGUSR1 to the training process, which checkpoints and then shuts
-    them down itself. Blocked rather than ignored: the mask also survives fork and exec."""
+def _worker_init(rank_pid: int, worker_id: int) -> None:
+    """Decoder processes leave stop requests to the training process, which checkpoints and then
+    shuts them down itself, and end with it. Blocked rather than ignored: the mask also survives
+    fork and exec, and lets `_follow_rank` read who sent a SIGTERM."""
     signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_BLOCKED_SIGNALS)
+    threading.Thread(target=_follow_rank, args=(rank_pid,), name="tgdp-follow-rank", daemon=True).start()
+
+
+def _follow_rank(rank_pid: int) -> None:
+    """End this decoder when its rank sends SIGTERM (DataLoader shutdown, multiprocessing's exit
+    handler) or is gone, even if the decoder is stuck in a read. Why: the decoder's parent is the
+    forkserver, so PyTorch's own watchdog (`getppid()`) never sees the rank die, and the
+    forkserver lives as long as any decoder holds its pipe: without this, both outlived a killed
+    rank. SIGTERM from anyone else (a job-wide signal) is left to the rank."""
+    try:
+        rank = os.pidfd_open(rank_pid)
+    except (AttributeError, OSError):  # no pidfd (old kernel): poll the process instead
+        rank = None
+    while True:
+        info = signal.sigtimedwait([signal.SIGTERM], WAIT_POLL_S)
+        if info is not None and info.si_pid == rank_pid:
+            os._exit(0)
+        if not _alive(rank_pid, rank):
+            os._exit(0)
+
+
+def _alive(pid: int, pidfd: int | None) -> bool:
+    if pidfd is not None:
+        return not select.select([pidfd], [], [], 0)[0]  # readable once the process has ended
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 @contextlib.contextmanager
 def _worker_signals_blocked() -> Iterator[None]:
-    """Block SIGUSR1 in this thread while the DataLoader starts its helper processes (workers,
-    and on first use the forkserver, whose death makes every worker it forked exit, and Python's
-    resource tracker), which inherit the mask. A signal arriving meanwhile stays pending and is
-    delivered on exit: the training process never loses a stop request."""
+    """Block the stop signals in this thread while the DataLoader starts its helper processes
+    (workers, and on first use the forkserver, whose death makes every worker it forked exit, and
+    Python's resource tracker), which inherit the mask. A signal arriving meanwhile stays pending
+    and is delivered on exit: the training process never loses a stop request."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_BLOCKED_SIGNALS)
     try:
         yield
@@ -444,7 +479,7 @@ class ShardLoader:
         cfg = self.cfg
         kwargs: dict[str, Any] = {"num_workers": cfg.num_workers, "pin_memory": bool(cfg.pin_memory)}
         if cfg.num_workers > 0:
-            kwargs["worker_init_fn"] = _worker_init
+            kwargs["worker_init_fn"] = functools.partial(_worker_init, os.getpid())
             ctx = mp.get_context(cfg.start_method)
             if cfg.start_method == "forkserver":  # import torch & co once in the server, not per worker
                 ctx.set_forkserver_preload(["__main__", "tgdp.data.loader"])

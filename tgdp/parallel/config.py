@@ -82,6 +82,11 @@ class ParallelConfig:
     # from the repository root.
     # "" = ds_configs/<backend>.json.
     deepspeed_config: str = ""
+    # The peer watchdog: a collective that waits this long for a rank that stopped answering fails
+    # (gloo and NCCL timeouts of the process group; NCCL's async error handling then ends the
+    # process), and every rank exits naming the lost one (tgdp/parallel/watchdog.py). Must cover
+    # the longest legitimate wait of one rank for another (a checkpoint save, a slow data wait).
+    timeout_s: float = 1800.0
 
     def validate(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -91,6 +96,7 @@ class ParallelConfig:
         need(self.backend in BACKENDS, f"parallel.backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         need(self.mixed_precision in MIXED_PRECISIONS,
              f"parallel.mixed_precision must be one of {list(MIXED_PRECISIONS)}, got {self.mixed_precision!r}")
+        need(self.timeout_s > 0, f"parallel.timeout_s must be > 0 (seconds), got {self.timeout_s}")
         need(self.shard_group_size >= 0,
              f"parallel.shard_group_size must be >= 0 (0 = ranks per node), got {self.shard_group_size}")
         need(self.shard_group_size == 0 or self.backend == "hsdp",

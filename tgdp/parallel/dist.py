@@ -106,6 +106,10 @@ def init_distributed(*, init_method: Optional[str] = None, device: Optional[str]
 
     if not dist.is_initialized():
         backend = "cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo"
+        # timeout_s bounds every collective (gloo and NCCL) and store wait. NCCL enforces it in a
+        # watchdog thread; with async error handling on, a timed-out collective ends the process
+        # (3, torch's default: tear down without aborting the communicators, which can hang).
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
         timeout = datetime.timedelta(seconds=timeout_s)
         if init_method is None and world == 1:
             store = dist.HashStore()  # in-process: no port, no file
