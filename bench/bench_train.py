@@ -126,6 +126,7 @@ def save_log(args: argparse.Namespace, name: str, text: str) -> Path:
     """Keep a failed run's output outside the temporary work dir."""
     args.log_dir = args.log_dir or tempfile.mkdtemp(prefix="bench_train_logs_")
     path = Path(args.log_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
 
