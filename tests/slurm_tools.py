@@ -198,3 +198,25 @@ def kill_node(node: str) -> int:
         except ProcessLookupError:
             pass
     return len(pids)
+
+
+def submit_submitit_drill(root: Path, train_argv: list[str], nodes: int, procs: int,
+                          time_min: int) -> tuple[subprocess.Popen, TimeLimitDrill]:
+    """`python -m tgdp.launch --wait` (one task per rank, 1 CPU each) with a time-limit drill on
+    its job; returns the waiting launcher and the started drill once the job id is known."""
+    run_dir = Path(train_argv[train_argv.index("--run-dir") + 1])
+    drill = TimeLimitDrill(run_dir)
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "tgdp.launch", "--nodes", str(nodes), "--gpus-per-node", "0", "--procs-per-node",
+         str(procs), "--cpus-per-task", "1", "--time-min", str(time_min), "--signal-delay-s", str(WARN_S),
+         "--max-requeues", "5", "--wait", "--poll-s", "2", "--", *train_argv],
+        cwd=root, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in launcher.stdout:  # until the job id is known; the rest is read when it ends
+        lines.append(line)
+        if m := re.search(r"submitted job (\d+)", line):
+            drill.job = m.group(1)
+            break
+    assert drill.job, "".join(lines)
+    return launcher, drill.start()
+

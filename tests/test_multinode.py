@@ -25,8 +25,8 @@ import pytest
 
 from tests.conftest import REPO
 from tests.slurm_tools import (CLUSTER, NODES, PRETRAIN, WARN_S, TimeLimitDrill, assert_same_run, job_env,
-                               kill_node, node_pids, run_ids, sacct_states, sbatch, step_losses, train_args,
-                               wait_for_steps, wait_job_done)
+                               kill_node, node_pids, run_ids, sacct_states, sbatch, step_losses, submit_submitit_drill,
+                               train_args, wait_for_steps, wait_job_done)
 
 pytestmark = pytest.mark.slow
 
@@ -145,20 +145,8 @@ def drills(slurm, slurm_shards, tmp_path_factory):
                                            "checkpoint.keep_last=0"],  # the stop's checkpoint is inspected
                           extra=(f"--signal=B:USR1@{WARN_S}",))
     sbatch_drill = TimeLimitDrill(root / "sbatch", job).start()
-    submitit_drill = TimeLimitDrill(root / "submitit")
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "tgdp.launch", "--nodes", str(NODES), "--gpus-per-node", "0", "--procs-per-node",
-         str(PROCS), "--cpus-per-task", "1", "--time-min", "15", "--signal-delay-s", str(WARN_S), "--max-requeues",
-         "5", "--wait", "--poll-s", "2", "--", *train_args(slurm_shards, root / "submitit", DRILL_STEPS)],
-        cwd=root, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in launcher.stdout:  # until the job id is known; the rest is read when it ends
-        lines.append(line)
-        if m := re.search(r"submitted job (\d+)", line):
-            submitit_drill.job = m.group(1)
-            break
-    assert submitit_drill.job, "".join(lines)
-    submitit_drill.start()
+    launcher, submitit_drill = submit_submitit_drill(root, train_args(slurm_shards, root / "submitit", DRILL_STEPS),
+                                                     nodes=NODES, procs=PROCS, time_min=15)
     yield root, reference, job, sbatch_drill, launcher, submitit_drill
     for j in (job, submitit_drill.job):
         subprocess.run(["scancel", j])

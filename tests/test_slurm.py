@@ -22,7 +22,8 @@ import pytest
 
 from tests.conftest import REPO
 from tests.slurm_tools import (CLUSTER, NODES, PRETRAIN, WARN_S, TimeLimitDrill, assert_same_run, job_env,
-                               job_field, run_ids, sacct_states, sbatch, train_args, trained_steps, wait_job_done)
+                               job_field, run_ids, sacct_states, sbatch, submit_submitit_drill, train_args,
+                               trained_steps, wait_job_done)
 
 STEPS = 150  # per run: after the trigger the signal takes 0-30 s; 3 runs share 2 cores (~2.5 steps/s each)
 
@@ -71,20 +72,8 @@ def training(slurm, slurm_shards, tmp_path_factory) -> Training:
                          *train_args(shards, root / "sbatch", STEPS)], root, env)
     sbatch_drill = TimeLimitDrill(root / "sbatch", sbatch_job).start()
 
-    submitit_drill = TimeLimitDrill(root / "submitit")
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "tgdp.launch", "--gpus-per-node", "0", "--procs-per-node", "2", "--cpus-per-task", "1",
-         "--time-min", "10", "--signal-delay-s", str(WARN_S), "--max-requeues", "5", "--wait", "--poll-s", "2", "--",
-         *train_args(shards, root / "submitit", STEPS)],
-        cwd=root, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in launcher.stdout:  # until the job id is known; the rest is read when it ends
-        lines.append(line)
-        if m := re.search(r"submitted job (\d+)", line):
-            submitit_drill.job = m.group(1)
-            break
-    assert submitit_drill.job, "".join(lines)
-    submitit_drill.start()
+    launcher, submitit_drill = submit_submitit_drill(root, train_args(shards, root / "submitit", STEPS), nodes=1,
+                                                     procs=2, time_min=10)
     yield Training(root, reference, sbatch_job, sbatch_drill, launcher, submitit_drill)
     for job in (reference, sbatch_job, submitit_drill.job):
         subprocess.run(["scancel", job])
