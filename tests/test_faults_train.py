@@ -6,9 +6,12 @@ test."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
+import statistics
+import time
 from pathlib import Path
 
 import pytest
@@ -66,10 +69,10 @@ def losses(run: Path) -> list[tuple[int, float, float]]:
     return [(r["step"], r["loss"], r["loss/distill"]) for r in read_metrics(run / "metrics.jsonl")]
 
 
-def assert_same_run(a: Path, b: Path) -> None:
+def assert_same_run(a: Path, b: Path, steps: int = STEPS) -> None:
     """Same final student + teacher weights (bitwise) and the same logged losses at every step."""
     assert_same_weights(a / "export" / "model.safetensors", b / "export" / "model.safetensors")
-    assert losses(a) == losses(b) and len(losses(a)) == STEPS
+    assert losses(a) == losses(b) and len(losses(a)) == steps
 
 
 @pytest.mark.slow
@@ -101,8 +104,8 @@ def test_a_rank_that_stops_answering_or_dies_mid_step_ends_every_rank_within_the
     """Rank 1 is frozen (SIGSTOP: a hung host) or killed in the middle of a step: rank 0 leaves its
     collective within parallel.timeout_s and exits naming rank 1, the launcher exits non-zero, and
     no process of the run (ranks, forkservers, resource trackers, decoders) stays behind."""
-    timeout, run, tag = 20, tmp_path / "run", f"peer-{how.name}-{os.getpid()}"
-    proc = torchrun(args(shards, run, f"parallel.timeout_s={timeout}", "data.wait_timeout_s=10", steps=500),
+    timeout, run, tag = 12, tmp_path / "run", f"peer-{how.name}-{os.getpid()}"
+    proc = torchrun(args(shards, run, f"parallel.timeout_s={timeout}", "data.wait_timeout_s=6", steps=500),
                     env=tagged_env(tag))
     try:
         wait_until(lambda: logged_step(run) >= 3, proc, "step 3")
@@ -117,6 +120,67 @@ def test_a_rank_that_stops_answering_or_dies_mid_step_ends_every_rank_within_the
     assert proc.returncode != 0, out
     assert "rank 0: rank 1 stopped answering (" in out and "a collective failed (" in out, out[-4000:]
     assert "exitcode  : 6" in out, out[-3000:]  # EXIT_PEER_LOST from rank 0
+    assert_no_process_left(tag)
+
+
+def _segments(folder: Path, rank: int) -> list[dict]:
+    path = folder / f"rank{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _ended(folder: Path, segment: int) -> bool:
+    return all(any(r["segment"] == segment and "code" in r for r in _segments(folder, rank)) for rank in (0, 1))
+
+
+@pytest.mark.timeout(600)
+def test_job_wide_sigterm_at_twenty_random_moments_resumes_bitwise(shards, tmp_path):
+    """SIGTERM to every process of both ranks (what scancel, preemption and torchrun's forwarding
+    deliver: each rank's process group, so its decoders, forkserver and resource tracker too), 20
+    times at random moments: half anywhere in a segment (model build, resume, decoder start-up, a
+    rank waiting for its first batch, the loop), half inside the loop's steps. Every time both ranks
+    write the stop checkpoint and return 0, no decoder dies of it, and the run, resumed 20 times,
+    equals an uninterrupted one bitwise. The segments run one after another in the same rank
+    processes (tests/stop_drills.py), each one an unmodified tgdp.train.main."""
+    seed = int(os.environ.get("TGDP_FAULT_SEED", random.SystemRandom().randrange(1 << 30)))
+    rng, drills, steps = random.Random(seed), 20, 40
+    context = f"TGDP_FAULT_SEED={seed}"
+    reference = tmp_path / "reference"
+    proc = torchrun(args(shards, reference, steps=steps))
+    out = finish(proc)
+    assert proc.returncode == 0, out
+    step_time = statistics.median(r["perf/step_time_s"] for r in read_metrics(reference / "metrics.jsonl"))
+
+    run, segments, tag = tmp_path / "run", tmp_path / "segments", f"drills-{os.getpid()}"
+    segments.mkdir()
+    proc = torchrun(args(shards, run, steps=steps), script="tests/stop_drills.py",
+                    env=tagged_env(tag, TGDP_SEGMENTS=str(segments)))
+    try:
+        for drill in range(drills):
+            where = f"{context}: drill {drill}"
+            if drill % 2 == 0:  # anywhere in the segment, from its start
+                wait_until(lambda: all(_segments(segments, r) and _segments(segments, r)[-1]["segment"] == drill
+                                       for r in (0, 1)), proc, f"segment {drill} starts ({where})")
+                time.sleep(rng.uniform(0, 3.0))
+            else:  # inside the loop: once the segment trained a step
+                resumed = logged_step(run)
+                wait_until(lambda: logged_step(run) > resumed, proc, f"a step of segment {drill} ({where})")
+                time.sleep(rng.uniform(0, 2 * step_time))
+            for pid in rank_pids(proc.pid).values():
+                os.killpg(pid, signal.SIGTERM)  # the rank and every process it started
+            wait_until(lambda: _ended(segments, drill), proc, f"segment {drill} ends ({where})", timeout=120)
+            for rank in (0, 1):
+                end = next(r for r in _segments(segments, rank) if r["segment"] == drill and "code" in r)
+                assert end == {"segment": drill, "code": 0, "signal": "SIGTERM"}, (where, rank, end)
+        out = finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, f"{context}\n{out[-4000:]}"
+    for rank in (0, 1):  # 20 stopped segments, then one that finished
+        assert _segments(segments, rank)[-1] == {"segment": drills, "code": 0, "signal": ""}, (context, rank)
+    assert out.count("stopped at step") == 2 * drills, f"{context}\n{out[-4000:]}"
+    assert "exited unexpectedly" not in out and "Traceback" not in out and "resource_tracker" not in out, out[-4000:]
+    assert_same_run(reference, run, steps)
     assert_no_process_left(tag)
 
 

@@ -119,8 +119,11 @@ def _main(argv: Sequence[str] | None, stop: StopRequested) -> int:
     finally:
         if not lost:  # a group with a lost rank is left as it is: the process ends
             trainer.close(wait_for_peers=agreed_end)
-    if summary["stopped_by"]:
+    if summary["stopped_by"] and summary["step"]:
         log.info("stopped at step %d by %s; a checkpoint was written, re-run to resume", summary["step"],
+                 summary["stopped_by"])
+    elif summary["stopped_by"]:
+        log.info("stopped at step 0 by %s, before the first step (nothing to save); re-run to start",
                  summary["stopped_by"])
     return 0
 

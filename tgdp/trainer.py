@@ -365,6 +365,8 @@ class Trainer:
 
     def close(self, wait_for_peers: bool = False) -> None:
         """Leave the process group (after a barrier when every rank is known to end together)."""
+        if self.peers is not None:
+            self.peers.stop()
         P.destroy_distributed(wait_for_peers=wait_for_peers)
 
     # ------------------------------------------------------------------ the loop

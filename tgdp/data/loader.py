@@ -58,6 +58,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from multiprocessing import forkserver, resource_tracker
 from typing import Any, Callable, Iterator
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -351,13 +352,21 @@ def _alive(pid: int, pidfd: int | None) -> bool:
 
 
 @contextlib.contextmanager
-def _worker_signals_blocked() -> Iterator[None]:
+def _worker_signals_blocked(start_method: str) -> Iterator[None]:
     """Block the stop signals in this thread while the DataLoader starts its helper processes
     (workers, and on first use the forkserver, whose death makes every worker it forked exit, and
     Python's resource tracker), which inherit the mask. A signal arriving meanwhile stays pending
-    and is delivered on exit: the training process never loses a stop request."""
+    and is delivered on exit: the training process never loses a stop request.
+
+    The resource tracker is started first, on its own: starting it UNBLOCKS SIGINT and SIGTERM in
+    the calling thread (bpo-33613), which would leave the forkserver started right after it
+    without SIGTERM blocked, so a job-wide SIGTERM killed it and every decoder it had forked."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_BLOCKED_SIGNALS)
     try:
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_BLOCKED_SIGNALS)
+        if start_method == "forkserver":
+            forkserver.ensure_running()
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
@@ -463,7 +472,7 @@ class ShardLoader:
                            self.batches % streams, [S.WorkerResume(**vars(w)) for w in self._workers],
                            self._progress)
         loader = DataLoader(dataset, batch_size=None, **self._loader_kwargs())
-        with _worker_signals_blocked() if self.cfg.num_workers else contextlib.nullcontext():
+        with _worker_signals_blocked(self.cfg.start_method) if self.cfg.num_workers else contextlib.nullcontext():
             batches = iter(loader)  # starts the worker processes
         while True:
             batch = self._next_batch(batches)

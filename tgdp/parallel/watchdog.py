@@ -35,6 +35,7 @@ class PeerWatch:
         self.step = 0  # set by the trainer after each step
         self._store = store if store is not None else dist.distributed_c10d._get_default_store()
         self._failing = threading.Event()
+        self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="tgdp-peer-heartbeat", daemon=True)
         self._thread.start()
 
@@ -48,13 +49,17 @@ class PeerWatch:
     def _write(self, state: str) -> None:
         self._store.set(KEY.format(self.rank), f"{time.time():.3f} {self.step} {state}")
 
+    def stop(self) -> None:
+        """No more beats (the rank leaves the process group)."""
+        self._stopped.set()
+
     def _beat(self) -> None:
-        while not self._failing.is_set():
+        while not (self._failing.is_set() or self._stopped.is_set()):
             try:
                 self._write("running")
             except Exception:  # noqa: BLE001 - the store is gone: the failure path reports it
                 return
-            self._failing.wait(self.interval)
+            self._stopped.wait(self.interval)
 
     def _read(self, rank: int) -> tuple[float, int, str] | None:
         key = KEY.format(rank)
