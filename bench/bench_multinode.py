@@ -65,8 +65,10 @@ def run_job(shards: Path, run_dir: Path, nodes: int, procs: int, backend: str, s
     # reports the run as unfinished and exits 1.
     if not rows or rows[-1]["step"] != steps:
         log = Path(f"{run_dir}.out")
+        text = log.read_text() if log.exists() else ""
+        errors = [line for line in text.splitlines() if "Error" in line and "error_file" not in line]
         raise SystemExit(f"job failed ({backend}, {nodes} node(s), exit {out.returncode}): {out.stderr}\n"
-                         + (log.read_text()[-3000:] if log.exists() else ""))
+                         + "\n".join(errors[:20]) + "\n...\n" + text[-2000:])
     return rows, wall
 
 

@@ -14,10 +14,12 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -101,6 +103,38 @@ def test_cluster_nodes_have_their_own_names_and_addresses(slurm, tmp_path):
         assert resolved == ["198.18.0.11", "tgdp-node1", "198.18.0.12", "tgdp-node2"], line
     out = subprocess.run(["bash", str(CLUSTER), "nodes"], capture_output=True, text=True, check=True).stdout
     assert [line.split()[:2] for line in out.splitlines()] == [[h, f"198.18.0.{11 + i}"] for i, h in enumerate(HOSTS)]
+
+
+def test_local_cluster_stop_removes_everything_and_start_brings_it_back(slurm):
+    """`stop` ends the daemons and removes the namespaces, links, bridge and host names it made;
+    `start --nodes 2` rebuilds it all; a non-root user gets a clear error."""
+    deadline = time.time() + 300
+    while subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip():
+        assert time.time() < deadline, "jobs still running: the cluster cannot be stopped under them"
+        time.sleep(1)
+    subprocess.run(["bash", str(CLUSTER), "stop"], check=True, timeout=120)
+    try:
+        netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+        assert "tgdp-node" not in netns and "tgdp-br0" not in links and "tgdp-veth" not in links
+        assert "tgdp local_cluster" not in Path("/etc/hosts").read_text()
+        assert not [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline(int(p.name)).startswith("slurm")]
+        assert subprocess.run(["bash", str(CLUSTER), "status"], capture_output=True).returncode != 0
+        # a user without root is told why, and nothing starts
+        readable = Path(tempfile.mkdtemp(dir="/tmp"))  # nobody cannot read pytest's private folders
+        try:
+            readable.chmod(0o755)
+            shutil.copy(CLUSTER, readable / "local_cluster.sh")
+            proc = subprocess.run(["runuser", "-u", "nobody", "--", "bash", str(readable / "local_cluster.sh"),
+                                   "start", "--nodes", "2"], cwd="/", capture_output=True, text=True, timeout=60)
+        finally:
+            shutil.rmtree(readable)
+        assert proc.returncode == 1 and "needs root" in proc.stderr, proc.stderr
+    finally:
+        subprocess.run(["bash", str(CLUSTER), "start", "--nodes", str(NODES)], check=True, timeout=240)
+    assert subprocess.run(["bash", str(CLUSTER), "status", "--nodes", str(NODES)]).returncode == 0
+    assert [line.split()[0] for line in subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True,
+                                                       text=True).stdout.splitlines()] == HOSTS
 
 
 # ------------------------------------------------------------------------------- uninterrupted runs
