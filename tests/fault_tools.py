@@ -35,9 +35,9 @@ def process_env(**extra: str) -> dict[str, str]:
 def torchrun(args: list[str], *, script: str = "tgdp/train.py", env: dict[str, str] | None = None,
              nproc: int = 2) -> subprocess.Popen:
     """`torchrun --nproc_per_node 2 <script> <args>`; `finish` returns its output (stdout and
-    stderr). The output goes to a file, not a pipe: after a rank is SIGKILLed, helper processes of
-    the other rank (forkserver, a decoder) can outlive the job holding the pipe open, and reading
-    to EOF would wait for them (docs/reliability.md, known limits)."""
+    stderr). The output goes to a file, not a pipe: a process that outlived the job would hold a
+    pipe open and make reading to EOF wait for it, instead of failing the test that looks for such
+    processes (`assert_no_process_left`)."""
     cmd = [TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
            "--signals-to-handle", SIGNALS_TO_HANDLE, script, *args]
     log = tempfile.TemporaryFile(mode="w+")
