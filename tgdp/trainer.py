@@ -159,7 +159,6 @@ class StopRequested:
         self.signal_name = signal.Signals(signum).name
 
 
-
 class DataStall(RuntimeError):
     """A rank waited longer than data.wait_timeout_s for its batches; every rank stopped after
     writing a checkpoint. The message names each stuck rank's decoder worker, shard and member."""

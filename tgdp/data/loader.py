@@ -191,29 +191,50 @@ class DataWaitInterrupted(Exception):
 class _Progress:
     """Where each stream is (opening a shard, reading one of its members, decoding a sample), in
     memory the rank shares with its decoder processes, so a rank waiting for a late batch can name
-    what the worker is stuck in. One fixed slot per stream; a worker writes only its own."""
+    what the worker is stuck in. One fixed slot per stream, written only by its worker: a stage
+    byte, the pid, the shard, and the member or sample key (the only field written per member)."""
 
-    SLOT = 1024
-    SEP = "\x1f"
+    SLOT, PID, SHARD, DETAIL = 1024, 1, 16, 528  # slot size and field offsets
+    STAGES = {b"o": "opening", b"r": "reading", b"d": "decoding"}
 
     def __init__(self, streams: int, shared_with: Any = None):
         size = streams * self.SLOT
         self._buf = shared_with.RawArray("c", size) if shared_with is not None else bytearray(size)
+        self._view: memoryview | None = None
 
-    def set(self, stream: int, stage: str, shard: str, detail: str = "") -> None:
-        text = self.SEP.join((str(os.getpid()), stage, shard, detail))
-        data = text.encode("utf-8", "backslashreplace")[: self.SLOT - 1] + b"\0"
-        start = stream * self.SLOT
-        self._buf[start:start + len(data)] = data
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_view": None}  # a memoryview does not pickle; rebuilt on first use
+
+    def _put(self, at: int, text: str, end: int) -> None:
+        if self._view is None:
+            self._view = memoryview(self._buf).cast("B")
+        data = text.encode("utf-8", "backslashreplace")[: end - at - 1] + b"\0"
+        self._view[at:at + len(data)] = data
+
+    def shard(self, stream: int, stage: bytes, shard: str, detail: str = "") -> None:
+        """Opening `shard` (stage b"o"), or decoding sample `detail` of it (b"d")."""
+        base = stream * self.SLOT
+        self._put(base + self.PID, str(os.getpid()), base + self.SHARD)
+        self._put(base + self.SHARD, shard, base + self.DETAIL)
+        self._put(base + self.DETAIL, detail, base + self.SLOT)
+        self._view[base] = stage[0]  # type: ignore[index]
+
+    def member(self, stream: int, name: str) -> None:
+        """Reading member `name` of the shard last opened (per tar member: kept cheap)."""
+        base = stream * self.SLOT
+        self._put(base + self.DETAIL, name, base + self.SLOT)
+        self._view[base] = 0x72  # type: ignore[index]  # b"r"
 
     def describe(self, stream: int) -> str:
-        raw = bytes(self._buf[stream * self.SLOT:(stream + 1) * self.SLOT]).split(b"\0", 1)[0]
-        if not raw:
-            return f"decoder stream {stream} has not started reading"
-        pid, stage, shard, detail = (raw.decode("utf-8", "replace").split(self.SEP) + ["", "", "", ""])[:4]
-        where = {"open": f"is opening shard {shard} (before its first member)",
-                 "read": f"is reading member {detail} of shard {shard}",
-                 "decode": f"is decoding sample {detail} of shard {shard}"}.get(stage, f"is at {stage} {shard}")
+        slot = bytes(self._buf[stream * self.SLOT:(stream + 1) * self.SLOT])
+        field = lambda a, b: slot[a:b].split(b"\0", 1)[0].decode("utf-8", "replace")  # noqa: E731
+        stage, pid, shard, detail = slot[:1], field(self.PID, self.SHARD), field(self.SHARD, self.DETAIL), \
+            field(self.DETAIL, self.SLOT)
+        if stage not in self.STAGES:
+            return f"decoder worker {stream} has not started reading"
+        where = {b"o": f"is opening shard {shard} (before its first member)",
+                 b"r": f"is reading member {detail} of shard {shard}",
+                 b"d": f"is decoding sample {detail} of shard {shard}"}[stage]
         return f"decoder worker {stream} (pid {pid}) {where}"
 
 
@@ -243,8 +264,8 @@ class _Streams(IterableDataset):
         def read(shards: list[S.ShardEntry], counter: list[int]) -> Iterator[dict[str, Any]]:
             for shard in shards:
                 url = shard.url
-                self.progress.set(worker, "open", url)
-                members = lambda name: self.progress.set(worker, "read", url, name)  # noqa: E731
+                self.progress.shard(worker, b"o", url)
+                members = functools.partial(self.progress.member, worker)
                 for sample in S.read_shard(url, shard.samples, stats, on_member=members):
                     counter[0] += 1
                     yield sample
@@ -291,7 +312,7 @@ class _Streams(IterableDataset):
                 raw = next(stream)
                 rng = S.sample_rng(cfg.seed, self.epoch, self.rank, worker, position)
                 position += 1
-                self.progress.set(worker, "decode", raw.get("__url__", "?"), raw.get("__key__", "?"))
+                self.progress.shard(worker, b"d", raw.get("__url__", "?"), raw.get("__key__", "?"))
                 try:
                     items.append(decoder(raw, rng))
                     bad_run = 0
