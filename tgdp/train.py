@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -26,7 +27,7 @@ from tgdp.checkpoint import CheckpointSaveError, find_latest_complete  # noqa: E
 from tgdp.config import ConfigError, parse_cli, to_yaml  # noqa: E402
 from tgdp.data.loader import EXIT_DATA_STALL, ShardLoader  # noqa: E402
 from tgdp.data.sampling import load_shard_set  # noqa: E402
-from tgdp.trainer import DataStall, NonFiniteStop, StopRequested, TrainConfig, Trainer  # noqa: E402
+from tgdp.trainer import STOP_SIGNALS, DataStall, NonFiniteStop, StopRequested, TrainConfig, Trainer  # noqa: E402
 
 log = logging.getLogger("tgdp.train")
 
@@ -53,10 +54,9 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
 
 def main(argv: Sequence[str] | None = None, stop: StopRequested | None = None) -> int:
     """Train; returns the exit code. SIGTERM / SIGUSR1 only set a flag while it runs: one that
-    arrives before the loop stops the run before its first step. `stop`: a caller that owns the
-    process installs that flag itself and keeps it until the process ends (the `__main__` block
-    does, so a signal during the teardown, e.g. from a launcher that saw another rank end, leaves
-    this rank its own exit code); otherwise the previous handlers are restored on return."""
+    arrives before the loop stops the run before its first step. `stop`: a flag the caller
+    installed and keeps (the `__main__` block does, and then ignores the signals while the process
+    tears down); without it, main installs its own and restores the previous handlers on return."""
     own = stop is None
     stop = stop if stop is not None else StopRequested()
     stop.install()
@@ -169,5 +169,11 @@ def _resume_hint(cfg: TrainConfig, fix: str = "Free space (or fix the error)") -
 
 if __name__ == "__main__":
     _stop = StopRequested()
-    _stop.install()  # until the process ends, its teardown included
-    sys.exit(main(stop=_stop))
+    _stop.install()
+    _code = main(stop=_stop)
+    # The run is over: a stop signal during the teardown (a launcher that saw another rank end
+    # sends one) has nothing left to stop and must not replace this rank's exit code. Ignored,
+    # not caught: Python restores the default action of caught signals while it finalizes.
+    for _sig in STOP_SIGNALS:
+        signal.signal(_sig, signal.SIG_IGN)
+    sys.exit(_code)

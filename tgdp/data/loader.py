@@ -56,6 +56,7 @@ import select
 import signal
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from multiprocessing import forkserver, resource_tracker
@@ -401,7 +402,8 @@ class _InProcessWatch:
     def __init__(self, bound: float, report: Callable[[float], str]):
         self.bound, self.report = bound, report
         self.since: float | None = None
-        threading.Thread(target=self._run, name="tgdp-data-watchdog", daemon=True).start()
+        threading.Thread(target=_watch_in_process, args=(weakref.ref(self),), name="tgdp-data-watchdog",
+                         daemon=True).start()
 
     def __enter__(self) -> None:
         self.since = time.monotonic()
@@ -409,15 +411,21 @@ class _InProcessWatch:
     def __exit__(self, *exc: Any) -> None:
         self.since = None
 
-    def _run(self) -> None:
-        while True:
-            time.sleep(min(WAIT_POLL_S, self.bound))
-            since = self.since
-            if since is not None and time.monotonic() - since > self.bound:
-                log.error("%s; the loader reads in the training process (data.num_workers=0), which cannot give "
-                          "up the read: exiting without a checkpoint", self.report(time.monotonic() - since))
-                logging.shutdown()
-                os._exit(EXIT_DATA_STALL)
+
+def _watch_in_process(ref: "weakref.ref[_InProcessWatch]") -> None:
+    """The thread of an `_InProcessWatch`; it ends with its loader (a weak reference)."""
+    while True:
+        watch = ref()
+        if watch is None:
+            return
+        bound, since = watch.bound, watch.since
+        if since is not None and time.monotonic() - since > bound:
+            log.error("%s; the loader reads in the training process (data.num_workers=0), which cannot give up "
+                      "the read: exiting without a checkpoint", watch.report(time.monotonic() - since))
+            logging.shutdown()
+            os._exit(EXIT_DATA_STALL)
+        del watch
+        time.sleep(min(WAIT_POLL_S, bound))
 
 
 # ----------------------------------------------------------------------------- main process
