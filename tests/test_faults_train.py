@@ -104,8 +104,8 @@ def test_a_rank_that_stops_answering_or_dies_mid_step_ends_every_rank_within_the
     """Rank 1 is frozen (SIGSTOP: a hung host) or killed in the middle of a step: rank 0 leaves its
     collective within parallel.timeout_s and exits naming rank 1, the launcher exits non-zero, and
     no process of the run (ranks, forkservers, resource trackers, decoders) stays behind."""
-    timeout, run, tag = 12, tmp_path / "run", f"peer-{how.name}-{os.getpid()}"
-    proc = torchrun(args(shards, run, f"parallel.timeout_s={timeout}", "data.wait_timeout_s=6", steps=500),
+    timeout, run, tag = 15, tmp_path / "run", f"peer-{how.name}-{os.getpid()}"
+    proc = torchrun(args(shards, run, f"parallel.timeout_s={timeout}", "data.wait_timeout_s=14", steps=500),
                     env=tagged_env(tag))
     try:
         wait_until(lambda: logged_step(run) >= 3, proc, "step 3")
@@ -142,7 +142,9 @@ def test_job_wide_sigterm_at_twenty_random_moments_resumes_bitwise(shards, tmp_p
     equals an uninterrupted one bitwise. The segments run one after another in the same rank
     processes (tests/stop_drills.py), each one an unmodified tgdp.train.main."""
     seed = int(os.environ.get("TGDP_FAULT_SEED", random.SystemRandom().randrange(1 << 30)))
-    rng, drills, steps = random.Random(seed), 20, 40
+    # A drill anywhere in a segment may let it train up to ~15 steps (3 s); the steps are many
+    # enough that the run never finishes before its 20th drill.
+    rng, drills, steps = random.Random(seed), 20, 160
     context = f"TGDP_FAULT_SEED={seed}"
     reference = tmp_path / "reference"
     proc = torchrun(args(shards, reference, steps=steps))
