@@ -19,13 +19,16 @@ Model state traffic does not depend on the inputs, so small inputs are used (128
 64-px frames, batch 2 per rank). Step 0 is a warm-up (lazy init); steps 1.. must agree.
 
     python bench/comm_volume.py --presets tiny,base               # every variant, appends to the JSON
-    python bench/comm_volume.py --presets large --variants fsdp2,hsdp,zero3
+    python bench/comm_volume.py --presets base,large --msd 2,4 --variants ddp,fsdp2,hsdp,zero2,zero3
     python bench/comm_volume.py --table                           # the measured table from the JSON
     python bench/comm_volume.py --predict                         # scaling predictions (bench/comm_predict.py)
 
-Memory: each rank builds the full fp32 student and teacher before sharding (8 bytes per
-parameter), and ddp / zero2 keep ~16-20 bytes per parameter per rank; a variant whose estimate
-does not fit in MemAvailable (minus a margin) is refused, not started.
+Memory: a rank peaks at 14-24 bytes per parameter here (MEMORY_PER_PARAM); a variant whose
+estimate does not fit in MemAvailable (minus a margin) is refused, not started. ViT-L (large,
+620 M parameters) does not fit 2 ranks on a 24 GB machine under any backend, so `--msd 2,4`
+measures the preset with 2 and 4 modality-specific blocks per modality (every other dimension
+kept): each block adds the same collectives, so `comm_predict.py` extrapolates linearly to the
+preset's depth, and checks the method on base, whose full depth is measured too.
 """
 
 from __future__ import annotations
@@ -69,11 +72,12 @@ VARIANTS: dict[str, tuple[str, list[str], dict[str, Any]]] = {
 # ZeRO-3 re-records its parameter trace every other step (the gathers alternate between two
 # volumes), so it gets two full cycles after the warm-up step.
 STEPS = {"zero3": 5}
-# Bytes per parameter per rank at W = 2 (estimate for the memory check, see the module docstring).
-MEMORY_PER_PARAM = {"ddp": 20.0, "zero2": 16.0, "fsdp2": 10.0, "hsdp": 10.0, "zero3": 10.0,
-                    "hsdp_2x1": 20.0, "fsdp2_noreshard": 12.0}  # by variant, else by backend
-MEMORY_FIXED = {"zero2": 2.0e9}  # ds_configs/zero2.json's 5e8-element reduce bucket
-MEMORY_PER_RANK = 1.5e9  # interpreter, torch, DeepSpeed, activations at the small inputs
+# Memory check: max RSS per rank at W = 2, bytes per parameter, measured on base with this script
+# (ddp 22.7, fsdp2 14.0, hsdp 15.1, zero2 22.1, zero3 23.7: the full fp32 student and teacher built
+# before sharding, DeepSpeed's copies, gloo buffers, allocator high water), plus 15 %.
+MEMORY_PER_PARAM = {"ddp": 26.0, "zero2": 25.5, "fsdp2": 16.0, "hsdp": 17.5, "zero3": 27.5,
+                    "hsdp_2x1": 29.5, "fsdp2_noreshard": 18.5}  # by variant, else by backend
+MEMORY_PER_RANK = 0.9e9  # interpreter, torch, DeepSpeed at the small inputs
 SCALAR_BYTES = 256
 
 # ProcessGroup method -> kind. S is the larger side of the first two arguments (all-gather:
@@ -324,7 +328,8 @@ def worker(rank: int, world: int, store: str, job: dict[str, Any]) -> None:
                       "mesh": list(P.device_mesh(cfg.parallel, env).mesh.shape) if backend in ("fsdp2", "hsdp")
                       else [world], "mixed_precision": cfg.parallel.mixed_precision,
                       "n_params": n_params, "n_trained": n_trained, "batch_per_rank": batch,
-                      "embed_dim": m.embed_dim, "overrides": job["overrides"], "ranks": gathered}
+                      "embed_dim": m.embed_dim, "modality_specific_depth": m.modality_specific_depth,
+                      "overrides": job["overrides"], "ranks": gathered}
             Path(job["out"]).write_text(json.dumps(result))
         passed = True
     finally:
@@ -354,16 +359,29 @@ def count_params(preset: str, overrides: list[str]) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
-def run_variant(preset: str, variant: str, args: argparse.Namespace) -> Optional[dict[str, Any]]:
-    """Spawn the ranks for one (preset, variant) unless the memory estimate does not fit."""
+def depth_overrides(preset: str, msd: int) -> list[str]:
+    """The preset with `msd` modality-specific blocks per modality and its own unified depth."""
+    from tgdp.config import load_config
+    from tgdp.trainer import TrainConfig
+
+    m = load_config(TrainConfig, "train", preset, ["data.shards=unused"]).model
+    return [f"model.depth={msd + m.depth - m.modality_specific_depth}", f"model.modality_specific_depth={msd}"]
+
+
+def run_variant(preset: str, variant: str, args: argparse.Namespace, msd: int = 0) -> Optional[dict[str, Any]]:
+    """Spawn the ranks for one (preset, variant) unless the memory estimate does not fit.
+    msd > 0: the preset with that many modality-specific blocks (the label gets '@msd<k>')."""
     import torch.multiprocessing as mp
 
     backend, extra, ds_keys = VARIANTS[variant]
     overrides = ["device=cpu", "data.shards=unused", f"data.batch_size={args.batch}", f"parallel.backend={backend}",
                  f"parallel.mixed_precision={args.dtype}", *SMALL_INPUTS, *extra, *args.override]
+    if msd:
+        overrides += depth_overrides(preset, msd)
+        variant = f"{variant}@msd{msd}"
     n, _ = count_params(preset, overrides)
-    per_param = MEMORY_PER_PARAM.get(variant, MEMORY_PER_PARAM[backend])
-    need = args.world * (per_param * n + MEMORY_FIXED.get(backend, 0.0) + MEMORY_PER_RANK)
+    per_param = MEMORY_PER_PARAM.get(variant.split("@")[0], MEMORY_PER_PARAM[backend])
+    need = args.world * (per_param * n + MEMORY_PER_RANK)
     deadline = time.monotonic() + args.wait_s
     while need > mem_available() - args.margin_gb * 1e9 and time.monotonic() < deadline:
         time.sleep(15)  # a shared machine: wait for other jobs' memory to come back
@@ -520,6 +538,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--steps", type=int, default=0, help="steps per run, step 0 is a warm-up (0: 3, zero3 5)")
     parser.add_argument("--batch", type=int, default=2, help="per-rank batch (only the embedding gather depends on it)")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="parallel.mixed_precision")
+    parser.add_argument("--msd", default="", help="comma-separated modality-specific depths to measure instead of "
+                        "the preset's (a model too big for this machine: the volume is linear in the depth, "
+                        "comm_predict.py extrapolates)")
     parser.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--margin-gb", type=float, default=3.0, help="memory left free for everyone else")
     parser.add_argument("--wait-s", type=float, default=0.0, help="wait up to this long for enough free memory")
@@ -536,11 +557,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         meta = machine_meta(args)
         print(f"measuring on {meta['cpus']} CPUs, load1 {meta['load1']:.1f}, torch {meta['torch']}, "
               f"DeepSpeed {meta['deepspeed']}", flush=True)
+        depths = [int(k) for k in args.msd.split(",")] if args.msd else [0]
         for preset in args.presets.split(","):
-            for variant in args.variants.split(","):
-                result = run_variant(preset, variant, args)
-                if result is not None:
-                    save_result(args.json, result, meta)
+            for msd in depths:
+                for variant in args.variants.split(","):
+                    result = run_variant(preset, variant, args, msd)
+                    if result is not None:
+                        save_result(args.json, result, meta)
     print_tables(load_results(args.json))
 
 
