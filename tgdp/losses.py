@@ -1,6 +1,6 @@
 """TG-DP's contrastive and distillation losses: tensors in, tensors out.
 
-What lives here (method.md sections 3.5-3.7, "Project decisions"):
+What lives here (docs/method.md 3.5-3.7):
 
 * ``info_nce``: symmetric InfoNCE on the CLS embeddings of the contrastive pass, negatives gathered
   from every rank (local rows against global columns, targets offset by rank), temperature 0.05.
@@ -12,8 +12,8 @@ The MAE reconstruction loss is not here: it depends on the model's patch layout 
 
 Precision: every loss runs in (at least) fp32 with autocast disabled, whatever the input dtype. bf16
 has 8 mantissa bits; at tau = 0.05 a cosine error of 2^-8 becomes a logit error of ~0.08, and the
-softmax over thousands of negatives is where bf16 training visibly degrades (systems.md,
-"Cross-cutting recommendations" 3). Inputs are cast up, so their gradients come back in their dtype.
+softmax over thousands of negatives is where bf16 training visibly degrades. Inputs are cast up,
+so their gradients come back in their dtype.
 """
 
 from __future__ import annotations

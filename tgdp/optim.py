@@ -23,7 +23,7 @@ NO_DECAY_NAMES = ("token", "pos_embed", "modality", "register")
 
 @dataclass
 class OptimConfig:
-    # CAV-MAE Sync's recipe (method.md 4.2): Adam(W) betas (0.95, 0.999), peak LR 2e-4 at global
+    # CAV-MAE Sync's recipe (docs/method.md 4.2): Adam(W) betas (0.95, 0.999), peak LR 2e-4 at global
     # batch 512, cosine with 10 % linear warm-up down to 0.1 x LR. Scale `lr` linearly with batch.
     lr: float = 2e-4
     betas: list[float] = field(default_factory=lambda: [0.95, 0.999])

@@ -1,4 +1,4 @@
-"""Audio features exactly as the reference loaders compute them (method.md 2.4).
+"""Audio features exactly as the reference loaders compute them (docs/method.md 2.4).
 
 One home for the Kaldi fbank parameters, the 1024-frame padding rule, the per-frame window
 mapping and the dataset normalisation, so that make_shards, the loader and evaluation agree.

@@ -97,7 +97,7 @@ EXIT_DATA_STALL = 5
 
 @dataclass
 class AugmentConfig:
-    """Train-time augmentations (method.md 2.4 step 6, 2.5); all off by default as in pre-training."""
+    """Train-time augmentations (docs/method.md 2.4 step 6, 2.5); all off by default as in pre-training."""
 
     random_resized_crop: bool = False
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])

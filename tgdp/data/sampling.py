@@ -3,7 +3,7 @@
 Everything here is a pure function of (seed, epoch, rank, worker) so that a worker's stream can
 be rebuilt bit for bit after a restart: that is what makes exact resume possible without saving
 any RNG state (webdataset's own shufflers draw from process-global or stateful RNGs and cannot be
-replayed, see webdataset#177/#271 in the spec).
+replayed, see webdataset issues #177 and #271).
 
 Epoch length (both modes): with `S` samples in the index (or `samples_per_epoch`), `B` the per-rank
 batch size, `R` ranks and `N` streams per rank (`max(1, num_workers)`), every rank yields

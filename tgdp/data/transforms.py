@@ -1,4 +1,4 @@
-"""Per-sample decoding, normalisation and augmentation (method.md 2.4-2.6), and batch collation.
+"""Per-sample decoding, normalisation and augmentation (docs/method.md 2.4-2.6), and batch collation.
 
 Decoding happens AFTER the shuffle buffer and touches only what the split needs: for training one
 frame JPEG and the fbank rows of its window (sliced straight out of the .npy bytes). Only the known

@@ -1,4 +1,4 @@
-"""The CAV-MAE Transformer `Block` (method.md 1.3): pre-norm attention + MLP with THREE LayerNorm sets.
+"""The CAV-MAE Transformer `Block` (docs/method.md 1.3): pre-norm attention + MLP with THREE LayerNorm sets.
 
 Every block owns `norm1/norm2` (default and joint stream), `norm1_a/norm2_a` (audio stream of the
 unified layer) and `norm1_v/norm2_v` (visual stream), so unused norms exist in every block's state

@@ -1,7 +1,7 @@
-"""The CAV-MAE / TG-DP backbone, driven pass by pass (method.md 1 and 3).
+"""The CAV-MAE / TG-DP backbone, driven pass by pass (docs/method.md 1 and 3).
 
 Parameter names and shapes are exactly those of the official `CAVMAE` / `CAVMAE_DP` checkpoints
-(method.md 6.1), so weights move between this module and the official files by name. TG-DP runs
+(docs/method.md 6.1), so weights move between this module and the official files by name. TG-DP runs
 the backbone three ways per step; each way is one method here and computes only what it returns:
 
     tokens_a, tokens_v = model.tokenize(audio, frames)           # shared by both student passes
@@ -157,7 +157,7 @@ class CAVMAE(nn.Module):
         self.decoder_pred_v = nn.Linear(Dd, p * p * cfg.in_chans)
         self.init_weights()
 
-    # ------------------------------------------------------------------ initialisation (method.md 1.4)
+    # ------------------------------------------------------------------ initialisation (docs/method.md 1.4)
     @torch.no_grad()
     def init_weights(self) -> None:
         """The official initialisation; safe to call again after `to_empty` (meta-device build)."""

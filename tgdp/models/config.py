@@ -1,4 +1,4 @@
-"""`ModelConfig`: the shape of the CAV-MAE / TG-DP backbone (method.md 1.1, 1.2).
+"""`ModelConfig`: the shape of the CAV-MAE / TG-DP backbone (docs/method.md 1.1, 1.2).
 
 Defaults are the released TG-DP configuration (T = 416 frames, 8 registers per modality, CLS
 tokens, no contrastive heads, 8-block 512-d decoder). Presets in `tgdp/configs/model/`:

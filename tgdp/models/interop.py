@@ -1,4 +1,4 @@
-"""Checkpoint interop with the official world (method.md 4.3, 6): the only file in models/ that reads files.
+"""Checkpoint interop with the official world (docs/method.md 4.3, 6): the only file in models/ that reads files.
 
 * `load_official`: CAV-MAE / CAV-MAE Sync / TG-DP state dicts (optional `module.` prefix, as saved
   from DataParallel / DDP). Audio position tables of another length (1024 vs 416 frames) are
@@ -189,7 +189,7 @@ _NORMS = tuple(f"{n}.{w}" for n in ("norm1", "norm2") for w in ("weight", "bias"
 
 def map_mae_state_dict(mae: Mapping[str, torch.Tensor], model: CAVMAE,
                        cls_from_mae: bool = False) -> tuple[dict[str, torch.Tensor], set[str], list[str], list[str]]:
-    """MAE ViT (+ decoder) keys -> ours, per CAV-MAE's `adapt_vmae_weights.py` (method.md 4.3).
+    """MAE ViT (+ decoder) keys -> ours, per CAV-MAE's `adapt_vmae_weights.py` (docs/method.md 4.3).
 
     Returns (mapped tensors, model keys a complete MAE checkpoint would fill, MAE keys used, MAE
     keys skipped by design). MAE blocks 0..msd-1 -> blocks_a.i AND blocks_v.i; the rest ->

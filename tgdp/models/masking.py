@@ -1,6 +1,6 @@
 """All masking of TG-DP in one place: which patches stay visible, and in what order.
 
-Everything is MAE's recipe (method.md 3.2): a per-sample permutation `ids_shuffle` of the L patch
+Everything is MAE's recipe (docs/method.md 3.2): a per-sample permutation `ids_shuffle` of the L patch
 indices, keep its first `len_keep = int(L * (1 - r))` entries, `ids_restore = argsort(ids_shuffle)`
 undoes the shuffle, `mask` (1 = removed) is in original patch order. The regimes differ only in
 how the permutation is chosen:
@@ -123,7 +123,7 @@ def ranked_masking(ranks: torch.Tensor, ratio: float) -> Masking:
 
     ranks [B, L]: ORIGINAL patch indices sorted by decreasing priority (see `rank_patches`). The
     official `ranked_masking` is missing from the release; this is its intended semantics
-    (method.md 3.3). With the identity ranking it keeps the first len_keep patches in order.
+    (docs/method.md 3.3). With the identity ranking it keeps the first len_keep patches in order.
     """
     return masking_from_order(ranks, num_kept(ranks.shape[1], ratio))
 

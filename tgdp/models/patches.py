@@ -1,4 +1,4 @@
-"""Patch layout of the reconstruction targets and the MAE loss (method.md 3.2 steps 7-8).
+"""Patch layout of the reconstruction targets and the MAE loss (docs/method.md 3.2).
 
 A patch vector is laid out (p_row, p_col, channel), channel fastest, as MAE's `patchify`.
 Audio [B, T, F] is first viewed as a one-channel image [B, 1, F, T] (rows = frequency, cols =

@@ -1,4 +1,4 @@
-"""Fixed 2-D sin-cos position tables (method.md 1.4), as in MAE / CAV-MAE `pos_embed.py`.
+"""Fixed 2-D sin-cos position tables (docs/method.md 1.4), as in MAE / CAV-MAE `pos_embed.py`.
 
 For token m = i * grid_w + j (i = row, j = column) the FIRST dim/2 channels encode the COLUMN j and
 the LAST dim/2 channels the ROW i (MAE's meshgrid puts the column first although its comment says

@@ -1,7 +1,7 @@
 """The official code's passes, run on a `CAVMAE` module's weights (parity tests and the benchmark).
 
 This is a transcription of `CAVMAE_DP.forward_encoder / forward_decoder / forward_mae_loss /
-get_patch2cls_rank` (method.md 3), restricted to the released configuration (no contrastive heads,
+get_patch2cls_rank` (docs/method.md 3), restricted to the released configuration (no contrastive heads,
 registers dropped), with only one change: random numbers come from an explicit generator so the
 two paths can be fed the same masks. It deliberately keeps the official costs:
 
@@ -16,7 +16,7 @@ with the same signature, for the speed comparison.
 
 Official behaviours and what `CAVMAE` does instead:
 
-| official (`CAVMAE_DP`, method.md 3)                        | here                                    |
+| official (`CAVMAE_DP`, docs/method.md 3)                        | here                                    |
 |------------------------------------------------------------|-----------------------------------------|
 | teacher shuffles at ratio 0; ranks index shuffled slots    | no shuffle: scores/ranks index patches  |
 | teacher builds [B, H, L, L] maps (explicit softmax)        | fused SDPA + indicator channel (column) |
