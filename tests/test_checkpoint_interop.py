@@ -36,7 +36,7 @@ def block_shapes(prefix: str, d: int) -> dict[str, tuple[int, ...]]:
 
 
 def released_table() -> dict[str, tuple[int, ...]]:
-    """method.md 6.1, written out: the released TG-DP checkpoint's keys (without `module.`)."""
+    """docs/method.md 6.1, written out: the released TG-DP checkpoint's keys (without `module.`)."""
     t: dict[str, tuple[int, ...]] = {
         "modality_a": (1, 1, 768), "modality_v": (1, 1, 768), "pos_embed_a": (1, 208, 768), "pos_embed_v": (1, 196, 768),
         "register_tokens": (16, 768), "mask_token": (1, 1, 512), "decoder_modality_a": (1, 1, 512),

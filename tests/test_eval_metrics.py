@@ -1,4 +1,4 @@
-"""Retrieval and classification metric oracles (method.md 8, items 21-23): no model, no files."""
+"""Retrieval and classification metric oracles (docs/method.md 5.1): no model, no files."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Oracles for tgdp.losses (method.md section 8 item 14) and the 2-rank gradient test (systems.md B3).
+"""Oracles for tgdp.losses (docs/method.md 3.5-3.6) and the 2-rank gradient test.
 
 The 2-rank test runs two real processes with a gloo group and DIFFERENT inputs per rank: symmetric
 inputs hide gather-backward bugs (lightly#1531, cellarium-ml#184), because a wrong rank's gradient
@@ -48,7 +48,7 @@ def test_orthonormal_oracle(batch: int) -> None:
     assert local.item() == pytest.approx(expected, rel=0, abs=1e-12)
     assert acc.item() == 1.0 and local_acc.item() == 1.0
     if batch == 512:
-        assert expected == pytest.approx(1.05e-6, rel=0.01)  # the number quoted in method.md
+        assert expected == pytest.approx(1.05e-6, rel=0.01)  # log(1 + 511 e^-20)
 
 
 def test_world_size_one_equals_two_cross_entropies() -> None:

@@ -1,4 +1,4 @@
-"""Masking oracles (method.md 8: items 7, 12, 13) and reproducible mask generators."""
+"""Masking oracles (docs/method.md 3.2-3.4) and reproducible mask generators."""
 
 from __future__ import annotations
 

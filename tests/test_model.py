@@ -1,4 +1,4 @@
-"""Model oracles (method.md 8, items 1-6, 8-11, 15-16) and parity with the official-style passes.
+"""Model oracles (shapes, counts and semantics of docs/method.md 1, 3.2 and 3.4) and parity with the official-style passes.
 
 Only the `tiny` preset runs forward; `base` / `cavmae` are built on the meta device for counting.
 """

@@ -1,4 +1,4 @@
-"""The TG-DP task: teacher, EMA, masks, modes, schedules, FLOPs (method.md 8 items 13-16).
+"""The TG-DP task: teacher, EMA, masks, modes, schedules, FLOPs (docs/method.md 3.3-3.4).
 
 Everything runs the `tiny` model preset on CPU with one thread (the suite shares the machine).
 """
@@ -263,6 +263,7 @@ def test_every_mode_trains(preset: str, overrides: tuple[str, ...], has_teacher:
     assert (out.teacher_scores_a is not None) == has_teacher
     for name, value in out.scalars().items():
         assert torch.isfinite(value), name
+    torch.testing.assert_close(out.loss_total, out.loss.detach().float())  # grad_accum=1: the share is the total
     assert (out.loss_distill > 0) == distills
     assert task.student.decoder_pred_a.weight.grad is not None and task.student.norm_a.weight.grad is not None
     if task.cfg.mode == "single":  # no second masking: the contrastive loss sees the recon view
