@@ -1,4 +1,4 @@
-"""Model oracles (shapes, counts and semantics of docs/method.md 1, 3.2 and 3.4) and parity with the official-style passes.
+"""Model oracles (docs/method.md 1, 3.2, 3.4) and parity with the official-style passes.
 
 Only the `tiny` preset runs forward; `base` / `cavmae` are built on the meta device for counting.
 """
