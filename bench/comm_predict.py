@@ -5,7 +5,8 @@ Inputs, all printed with the tables:
 * the communication volume of one step per backend, measured by `bench/comm_volume.py`
   (`bench/comm_volume.json`): payload S per phase and collective kind, and the collective count;
 * the compute time per sample measured on one H200 (docs/benchmarks.md: base preset, bf16,
-  batch 128, whole-pass compile, with the loader: 895 samples/s), scaled to the large preset by
+  batch 128, whole-pass compile, with the loader: 895 samples/s; 2026-11-26, torch 2.11.0+cu130,
+  not the pinned 2.14.1), scaled to the large preset by
   its analytic FLOPs (`tgdp.task.flops`) and to an A100 by the bf16 peak ratio (same MFU);
 * bus bandwidths (nccl-tests' busbw) assumed for NVLink inside a node and InfiniBand between
   nodes (CLUSTERS below), and a fixed latency per collective.
