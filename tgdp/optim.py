@@ -66,7 +66,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW over `param_groups`. On CUDA the fused kernel is the default: the foreach version
-    took ~12 ms of a ~120 ms base step on an H200 (docs/benchmarks.md, bench/profile_step.py)."""
+    took ~12 ms of a ~120 ms base step on an H200 (torch 2.11; docs/benchmarks.md, "One GPU")."""
     groups = param_groups(model, cfg.weight_decay)
     fused = cfg.fused
     if fused is None:
