@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from tgdp.data import audio as A  # noqa: E402
 from tgdp.data.format import read_index  # noqa: E402
-from tgdp.data.loader import DataConfig, ShardLoader  # noqa: E402
+from tgdp.data.config import DataConfig  # noqa: E402
+from tgdp.data.loader import ShardLoader  # noqa: E402
 from tgdp.data.shards.config import ShardingConfig  # noqa: E402
 from tgdp.data.shards.extract import decode_video  # noqa: E402
 from tgdp.data.shards.run import make_shards  # noqa: E402

@@ -46,7 +46,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 BACKENDS = ("none", "ddp", "fsdp2", "hsdp", "zero2", "zero3")
-ZERO = ("zero2", "zero3")
 MEMORY_BACKENDS = ("ddp", "fsdp2", "zero3")
 # Per preset and device: (steps, warm-up steps dropped, per-rank batch). Base on 2 CPU cores takes
 # 8-17 s per step for 2 ranks at batch 2 (plus ~15 s for the final checkpoint the trainer always
@@ -238,7 +237,7 @@ def memory_worker(args: argparse.Namespace) -> None:
     from tgdp import parallel as P
     from tgdp.config import load_config
     from tgdp.models.cavmae import build_model
-    from tgdp.optim import build_optimizer
+    from tgdp.parallel.backend import build_backend
     from tgdp.task import TGDPTask
     from tgdp.trainer import TrainConfig
 
@@ -253,21 +252,16 @@ def memory_worker(args: argparse.Namespace) -> None:
         torch.manual_seed(0)
         task = TGDPTask(build_model(cfg.model), cfg.task, total_steps=10)
         task.reset_teacher()
-        zero_kwargs: dict[str, Any] = {}
-        if backend in ZERO:  # as Trainer._zero_kwargs
-            zero_kwargs = {"optimizer": build_optimizer(task.student, cfg.optim), "ds_config_overrides": {
-                "train_micro_batch_size_per_gpu": cfg.data.batch_size, "gradient_accumulation_steps": 1,
-                "gradient_clipping": cfg.optim.grad_clip}}
-        wrapped = P.shard_student(task.student, cfg.parallel, env, **zero_kwargs)
-        teacher = P.shard_teacher(task.teacher, cfg.parallel, env)
-        optimizer = wrapped.optimizer if backend in ZERO else build_optimizer(task.student, cfg.optim)
+        trained = build_backend(cfg.parallel, env, task.student, task.teacher, cfg.optim,
+                                micro_batch_size=cfg.data.batch_size, grad_accum=1)
+        wrapped, teacher, optimizer = trained.wrapped, task.teacher, trained.optimizer
         g = torch.Generator().manual_seed(env.rank)
         m = cfg.model
         audio = torch.randn(cfg.data.batch_size, m.audio_frames, m.mel_bins, generator=g).to(env.device)
         frames = torch.randn(cfg.data.batch_size, m.in_chans, m.image_size, m.image_size, generator=g).to(env.device)
         for step in range(2):  # step 0 creates the AdamW state; step 1 is measured at its peak
             out = task(audio, frames, step, env.rank, 0)
-            P.backward(wrapped, out.loss)
+            trained.backward(out.loss, last=True)
             if step == 1:
                 peak, held = P.model_state_bytes(wrapped, optimizer), held_bytes(wrapped, optimizer)
             P.optimizer_step(wrapped, optimizer)
@@ -277,7 +271,7 @@ def memory_worker(args: argparse.Namespace) -> None:
         gathered: list[Any] = [None] * env.world_size
         dist.all_gather_object(gathered, mine)
         results[backend] = gathered
-        del task, wrapped, teacher, optimizer, out
+        del task, trained, wrapped, teacher, optimizer, out
         gc.collect()
         dist.barrier()
     if env.rank == 0:

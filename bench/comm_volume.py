@@ -50,7 +50,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_train import ZERO  # noqa: E402  (the same backend split as the memory table)
 
 DEFAULT_JSON = REPO / "bench" / "comm_volume.json"
 SMALL_INPUTS = ["model.audio_frames=128", "data.audio_frames=128", "model.image_size=64", "data.frame_size=64"]
@@ -259,9 +258,10 @@ def worker(rank: int, world: int, store: str, job: dict[str, Any]) -> None:
     from tgdp import parallel as P
     from tgdp.config import load_config
     from tgdp.models.cavmae import build_model
-    from tgdp.optim import build_optimizer
+    from tgdp.nonfinite import NonFiniteGuard
+    from tgdp.parallel.backend import build_backend
     from tgdp.task import TGDPTask
-    from tgdp.trainer import TrainConfig, _global_grad_norm
+    from tgdp.trainer import TrainConfig
 
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", category=FutureWarning)  # DeepSpeed's deprecated c10d calls, per call
@@ -276,16 +276,12 @@ def worker(rank: int, world: int, store: str, job: dict[str, Any]) -> None:
         task = TGDPTask(build_model(cfg.model), cfg.task, total_steps=100)
         n_params = sum(p.numel() for p in task.student.parameters())
         n_trained = sum(p.numel() for p in task.student.parameters() if p.requires_grad)
-        zero_kwargs: dict[str, Any] = {}
-        if backend in ZERO:  # as Trainer._zero_kwargs
-            zero_kwargs = {"optimizer": build_optimizer(task.student, cfg.optim), "ds_config_overrides": {
-                "train_micro_batch_size_per_gpu": cfg.data.batch_size, "gradient_accumulation_steps": 1,
-                "gradient_clipping": cfg.optim.grad_clip}}
         log.enabled = True
-        with log.phase("setup"):
-            wrapped = P.shard_student(task.student, cfg.parallel, env, **zero_kwargs)
-            if task.teacher is not None:
-                P.shard_teacher(task.teacher, cfg.parallel, env)
+        with log.phase("setup"):  # as the trainer: shard, verify the sharding, build the optimizer
+            trained = build_backend(cfg.parallel, env, task.student, task.teacher, cfg.optim,
+                                    micro_batch_size=cfg.data.batch_size, grad_accum=1)
+        wrapped = trained.wrapped
+        guard = NonFiniteGuard(1 << 30, env.device, "host")
         setup = summarize(log.take())
         if backend == "ddp":
             # DDP's reducer all-reduces its gradient buckets from C++, out of the CommLog's sight.
@@ -294,7 +290,6 @@ def worker(rank: int, world: int, store: str, job: dict[str, Any]) -> None:
             from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
             wrapped.register_comm_hook(None, allreduce_hook)
-        optimizer = wrapped.optimizer if backend in ZERO else build_optimizer(task.student, cfg.optim)
         task._teacher_pass = log.phased("teacher_forward", task._teacher_pass)  # a bench-only wrapper
         g = torch.Generator().manual_seed(rank)
         m, batch = cfg.model, cfg.data.batch_size
@@ -306,11 +301,9 @@ def worker(rank: int, world: int, store: str, job: dict[str, Any]) -> None:
             with log.phase("student_forward"):
                 out = task(audio, frames, step, rank, 0)
             with log.phase("backward"):
-                P.backward(wrapped, out.loss)
-            with log.phase("optimizer"):  # the trainer's order: norm + clip, step (DeepSpeed: both in step)
-                if backend not in ZERO:
-                    _global_grad_norm(list(task.student.parameters()), cfg.optim.grad_clip)
-                P.optimizer_step(wrapped, optimizer)
+                trained.backward(out.loss, last=True)
+            with log.phase("optimizer"):  # norm + clip, the skip decision, the update (as the trainer)
+                trained.step([out.loss.detach()], guard, cfg.optim.grad_clip)
             with log.phase("ema"):
                 task.update_teacher(step)
             times.append(time.perf_counter() - start)

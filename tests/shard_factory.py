@@ -18,7 +18,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from tgdp.data import format as F
+from tgdp.data import format as shard_format
 
 CORRUPTIONS = ("bad_jpeg", "fbank_shape", "fbank_nan", "missing_frame", "missing_fbank", "missing_json",
                "pickle_member")
@@ -60,29 +60,29 @@ def make_sample(key: str, *, rows: int, frame_wh: tuple[int, int], num_frames: i
         arr[:] = np.nan
     sample: dict[str, bytes] = {"__key__": key}
     if corrupt == "fbank_shape":
-        sample[F.FBANK_EXT] = F.encode_fbank(np.zeros((rows, 64), dtype=np.float32))
+        sample[shard_format.FBANK_EXT] = shard_format.encode_fbank(np.zeros((rows, 64), dtype=np.float32))
     else:
-        sample[F.FBANK_EXT] = F.encode_fbank(arr)
+        sample[shard_format.FBANK_EXT] = shard_format.encode_fbank(arr)
     for k in range(num_frames):
         if corrupt == "bad_jpeg":
-            sample[F.frame_ext(k)] = b"\xff\xd8 this is not a jpeg"
+            sample[shard_format.frame_ext(k)] = b"\xff\xd8 this is not a jpeg"
         else:
-            sample[F.frame_ext(k)] = jpeg(*frame_wh, frame_level(k), texture=rng if texture else None)
-    meta = F.make_meta(key=key, video_id=key, labels=labels, source="factory", num_frames=num_frames,
+            sample[shard_format.frame_ext(k)] = jpeg(*frame_wh, frame_level(k), texture=rng if texture else None)
+    meta = shard_format.make_meta(key=key, video_id=key, labels=labels, source="factory", num_frames=num_frames,
                        fbank_frames=rows, has_audio=True, frame_times=frame_times)
     for field, value in (meta_update or {}).items():
         if value is None:
             meta.pop(field, None)
         else:
             meta[field] = value
-    sample[F.META_EXT] = json.dumps(meta).encode()
+    sample[shard_format.META_EXT] = json.dumps(meta).encode()
     if corrupt == "missing_frame":
         for k in range(num_frames):
-            del sample[F.frame_ext(k)]
+            del sample[shard_format.frame_ext(k)]
     elif corrupt == "missing_fbank":
-        del sample[F.FBANK_EXT]
+        del sample[shard_format.FBANK_EXT]
     elif corrupt == "missing_json":
-        del sample[F.META_EXT]
+        del sample[shard_format.META_EXT]
     elif corrupt == "pickle_member":  # a member that would need pickle: must be ignored, never loaded
         sample["pyd"] = b"\x80\x04crash\nthis\n."
     return sample
@@ -118,8 +118,8 @@ def make_shards(root: str | Path, *, num_shards: int = 4, samples_per_shard: int
                 writer.write(make_sample(key, rows=rows, frame_wh=frame_wh, num_frames=num_frames, labels=sample_labels,
                                          fbank=fbank, rng=rng, corrupt=corrupt.get(g), texture=texture))
             writer.close()
-        infos.append(F.ShardInfo(name, samples_per_shard, path.stat().st_size))
-    F.write_index(root, infos, {"factory": True})
+        infos.append(shard_format.ShardInfo(name, samples_per_shard, path.stat().st_size))
+    shard_format.write_index(root, infos, {"factory": True})
     for s, fraction in (truncate or {}).items():
         path = root / infos[s].name
         data = path.read_bytes()

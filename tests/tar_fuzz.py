@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from tests.shard_factory import make_sample
-from tgdp.data import format as F
+from tgdp.data import format as shard_format
 
 BLOCK = 512
 SAMPLES_PER_SHARD = 2
@@ -239,6 +239,6 @@ def write_shard_set(root: Path, shards: list[tuple[str, bytes]]) -> list[Path]:
         path = root / f"{label}.tar"
         path.write_bytes(data)
         paths.append(path)
-        infos.append(F.ShardInfo(path.name, SAMPLES_PER_SHARD, len(data)))
-    F.write_index(root, infos, {"fuzzed": True})
+        infos.append(shard_format.ShardInfo(path.name, SAMPLES_PER_SHARD, len(data)))
+    shard_format.write_index(root, infos, {"fuzzed": True})
     return paths

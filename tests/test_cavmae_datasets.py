@@ -33,7 +33,8 @@ from tgdp.data import frames as Fr
 from tgdp.data import sampling as S
 from tgdp.data.format import decode_fbank, read_index
 from tgdp.data.labels import LabelVocab
-from tgdp.data.loader import DataConfig, ShardLoader
+from tgdp.data.config import DataConfig
+from tgdp.data.loader import ShardLoader
 from tgdp.data.shards.config import ShardingConfig
 from tgdp.data.shards.run import make_shards
 from tgdp.data.transforms import SampleDecoder, frame_tensor

@@ -10,7 +10,7 @@ import torch
 from tgdp.config import load_config
 from tgdp.models import CAVMAE, ModelConfig, build_model
 from tgdp.models import interop
-from tgdp.models.interop import CheckpointMismatchError, UnsafeCheckpointError
+from tgdp.checkpoint.errors import CheckpointMismatchError, UnsafeCheckpointError
 
 torch.set_num_threads(1)
 

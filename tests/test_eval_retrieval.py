@@ -10,6 +10,7 @@ mean rank <= 3.5 in both directions; untrained R@5 <= 60 and mean rank >= 5 on a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -78,6 +79,8 @@ def test_trained_model_far_above_chance_untrained_is_not(standalone, trained_run
     assert all(Path(p).stat().st_size > 1000 for p in res["plots"].values())
 
     model_cfg, _ = recorded_model_config(trained_run)
+    # the JSON records the geometry the run was trained with, not the eval preset's ViT-B
+    assert res["config"]["model"] == dataclasses.asdict(model_cfg) and res["config"]["model"]["embed_dim"] != 768
     data = EmbedConfig(shards=str(corpus_shards), num_workers=0)
     r5, mnr = [], []
     for seed in range(3):  # untrained encoders of the same geometry
@@ -129,6 +132,7 @@ def test_probe_cli_on_cached_embeddings(standalone, tmp_path):
                 "--output", str(tmp_path), "epochs=3", "batch_size=4", "num_heads=4"])
     res = json.loads((tmp_path / "probe.json").read_text())
     assert res["task"] == "multiclass" and res["classes"] == 3 and 0.0 <= res["top1"] <= 100.0
+    assert res["config"]["model"] is None  # features read from files: no model was built
     assert "top1" in proc.stdout
 
 

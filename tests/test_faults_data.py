@@ -35,7 +35,8 @@ from tgdp.metrics import read_metrics
 _LOADER_UNDER_SIGNALS = textwrap.dedent("""
     import signal, sys, time
     import torch
-    from tgdp.data.loader import DataConfig, ShardLoader
+    from tgdp.data.config import DataConfig
+    from tgdp.data.loader import ShardLoader
 
     got = []
     signal.signal(signal.SIGUSR1, lambda n, f: got.append(signal.Signals(n).name))  # StopRequested in miniature

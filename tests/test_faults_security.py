@@ -24,8 +24,9 @@ from tests.conftest import REPO
 from tests.fault_tools import process_env
 from tests.shard_factory import make_sample
 from tgdp.checkpoint import CheckpointConfig, CheckpointError, CheckpointManager, UnsafeCheckpointError
-from tgdp.data import format as F
-from tgdp.data.loader import DataConfig, ShardLoader
+from tgdp.data import format as shard_format
+from tgdp.data.config import DataConfig
+from tgdp.data.loader import ShardLoader
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -68,10 +69,11 @@ def test_shard_members_that_need_pickle_are_never_unpickled(tmp_path, caplog):
             sample = make_sample(key, rows=64, frame_wh=(40, 32), num_frames=16, labels=[], fbank="rows", rng=rng)
             sample.update({"pyd": evil, "pickle": evil, "pth": evil})  # every sample carries payloads
             if i == 5:
-                sample[F.FBANK_EXT] = evil_npy.getvalue()  # an object array: loading it needs pickle
+                sample[shard_format.FBANK_EXT] = evil_npy.getvalue()  # an object array: loading it needs pickle
             writer.write(sample)
         writer.close()
-    F.write_index(root, [F.ShardInfo("shard-000000.tar", len(keys), (root / "shard-000000.tar").stat().st_size)], {})
+    size = (root / "shard-000000.tar").stat().st_size
+    shard_format.write_index(root, [shard_format.ShardInfo("shard-000000.tar", len(keys), size)], {})
     assert not marker.exists()
 
     for workers in (0, 1):  # in the training process and in a decoder process

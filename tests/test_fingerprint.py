@@ -15,7 +15,7 @@ from torch import nn
 from tests.dist_tools import end_worker
 from tgdp.checkpoint import CheckpointConfig, CheckpointManager
 from tgdp.checkpoint.fingerprint import fingerprint
-from tgdp.models.interop import CheckpointError
+from tgdp.checkpoint.errors import CheckpointError
 
 
 def make_state(seed: int = 0) -> dict:

@@ -19,8 +19,9 @@ import webdataset as wds
 from tests.shard_factory import frame_level, jpeg, make_sample, make_shards, write_label_csv
 from tgdp.config import ConfigError, load_config
 from tgdp.data import audio as A
-from tgdp.data import format as F
-from tgdp.data.loader import AugmentConfig, DataConfig, ShardLoader
+from tgdp.data import format as shard_format
+from tgdp.data.config import AugmentConfig, DataConfig
+from tgdp.data.loader import ShardLoader
 from tgdp.data.sampling import EpochPlan, produced_by_stream
 from tgdp.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SampleDecoder, audio_window, frame_tensor
 
@@ -90,7 +91,7 @@ def test_window_bounds_match_the_reference():
 @pytest.mark.parametrize("k,start", [(0, 0), (3, 0), (4, 48), (12, 560), (13, 608), (15, 608)])
 def test_audio_window_rows_and_padding(k, start):
     rows = np.repeat(np.arange(998, dtype=np.float32)[:, None], 128, axis=1)  # row r holds r
-    window = audio_window(F.encode_fbank(rows), k, 16, 1024, 416)
+    window = audio_window(shard_format.encode_fbank(rows), k, 16, 1024, 416)
     assert window.shape == (416, 128)
     stored = np.arange(start, min(start + 416, 998), dtype=np.float32)
     np.testing.assert_array_equal(window[: len(stored), 0], stored)
@@ -104,7 +105,7 @@ def test_audio_window_rows_and_padding(k, start):
 def test_whole_clip_protocol_ignores_the_frame():
     rows = np.repeat(np.arange(998, dtype=np.float32)[:, None], 128, axis=1)
     for k in (0, 9, 15):
-        window = audio_window(F.encode_fbank(rows), k, 16, 1024, 1024)
+        window = audio_window(shard_format.encode_fbank(rows), k, 16, 1024, 1024)
         assert window.shape == (1024, 128)
         np.testing.assert_array_equal(window[:998, 5], np.arange(998))
         np.testing.assert_array_equal(window[998:], 0.0)
@@ -264,7 +265,8 @@ def test_too_few_shards_for_ranks_times_workers(tmp_path):
 
 RANK_SCRIPT = textwrap.dedent("""
     import json, sys
-    from tgdp.data.loader import DataConfig, ShardLoader
+    from tgdp.data.config import DataConfig
+    from tgdp.data.loader import ShardLoader
     if __name__ == "__main__":
         shards, rank, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
         cfg = DataConfig(shards=shards, mode="epoch", batch_size=6, num_workers=2, frame_size=32, full_frames=64,
@@ -316,10 +318,10 @@ def test_layout_change_policies(clean, caplog):
 def test_plain_webdataset_reads_a_factory_shard(clean):
     url = str(clean / "shard-000000.tar")
     sample = next(iter(wds.WebDataset(url, shardshuffle=False).decode("rgb")))
-    frames = [sample[F.frame_ext(k)] for k in range(16)]
+    frames = [sample[shard_format.frame_ext(k)] for k in range(16)]
     assert all(f.shape == (32, 40, 3) for f in frames)
     assert abs(frames[3].mean() * 255 - frame_level(3)) < 3
-    assert sample[F.FBANK_EXT].shape == (64, 128) and sample[F.FBANK_EXT].dtype == np.float16
+    assert sample[shard_format.FBANK_EXT].shape == (64, 128) and sample[shard_format.FBANK_EXT].dtype == np.float16
     assert sample["json"]["key"] == sample["__key__"]
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,8 @@ import torch
 
 from tgdp.config import ConfigError
 from tgdp.metrics import (LoggingConfig, MetricLogger, Throughput, memory_metrics, mfu_pct, peak_flops, read_metrics,
-                          scrub_secrets, secret_env_values, table_peak_flops)
+                          table_peak_flops)
+from tgdp.redact import scrub_secrets, secret_env_values
 
 FAKE_WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"  # the shape of a wandb API key (40 hex)
 FAKE_HF_TOKEN = "hf_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"
@@ -78,25 +78,6 @@ def test_throughput_window_with_injected_clock():
     assert m["perf/mfu_pct"] == pytest.approx(100 * 4 * 2e12 / 2.0 / 32e12)
 
 
-def test_data_wait_real_clock_slow_loader_waits_more():
-    def run(delay: float) -> float:
-        tp = Throughput()
-
-        def loader():
-            for i in range(4):
-                time.sleep(delay)
-                yield i
-
-        for _ in tp.timed(loader()):
-            time.sleep(0.002)
-            tp.step_done(1)
-        pct = tp.summary()["perf/data_wait_pct"]
-        assert 0.0 <= pct <= 100.0
-        return pct
-
-    assert run(0.02) > run(0.0) + 20.0  # 20 ms vs 2 ms per step: ~90 % vs ~0 %
-
-
 def test_peak_flops_table_and_cpu_measurement():
     expected = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
                 "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12, "NVIDIA H200": 989e12,
@@ -105,10 +86,8 @@ def test_peak_flops_table_and_cpu_measurement():
     for name, flops in expected.items():
         assert table_peak_flops(name)[0] == flops, name
     assert table_peak_flops("NVIDIA A10G") is None  # unknown parts are measured, not guessed
-    start = time.perf_counter()
     flops, source = peak_flops("cpu", cpu_size=128)
     assert flops > 0 and source.startswith("measured")
-    assert time.perf_counter() - start < 10.0
     assert peak_flops("cpu", override=5e12) == (5e12, "config override")
 
 

@@ -8,7 +8,8 @@ import webdataset as wds
 
 from tgdp.data import audio as A
 from tgdp.data.format import decode_fbank, read_index
-from tgdp.data.loader import DataConfig, ShardLoader
+from tgdp.data.config import DataConfig
+from tgdp.data.loader import ShardLoader
 
 
 def test_train_and_retrieval_batches_from_real_shards(corpus_shards):

@@ -71,6 +71,16 @@ def test_submitit_launch_checks_stop_bad_launches(corpus_shards, tmp_path, extra
     assert "stopped before queueing anything" in proc.stderr
 
 
+def test_launchers_name_themselves_in_config_errors(tmp_path):
+    """A bad training field is reported by the command the user typed, not by its __main__.py."""
+    for command in (["-m", "tgdp.launch", "--gpus-per-node", "0", "--procs-per-node", "1", "--"],
+                    ["-m", "tgdp.launch.checks", "check", "--nodes", "1", "--procs-per-node", "1", "--"]):
+        proc = subprocess.run([sys.executable, *command, "--config", "tiny", "--run-dir", str(tmp_path / "r")],
+                              cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+        prog = " ".join(["python", *command[:2]])
+        assert proc.returncode == 2 and proc.stderr.startswith(f"{prog}: error: data.shards is required"), proc.stderr
+
+
 def test_pretrain_sbatch_checks_report_every_problem(tmp_path):
     """Missing shards and an unwritable run dir: both named in one message, exit 2, nothing starts."""
     blocker = tmp_path / "file"

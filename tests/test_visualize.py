@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from tgdp import visualize as V
-from tgdp.models import patches as P
+from tgdp.models import patches as patch_ops
 
 p = 4
 T, F = 16, 8  # audio grid (F/p, T/p) = (2, 4): 8 patches
@@ -28,8 +28,8 @@ def inputs():
     # predictions = the patches of OTHER known inputs, so the expected reconstruction is an image
     pred_audio = torch.randn(T, F, generator=g)
     pred_frame = torch.randn(3, H, W, generator=g)
-    pred_a = P.patchify_audio(pred_audio[None], p)[0]  # [N_a, p*p]
-    pred_v = P.patchify(pred_frame[None], p)[0]  # [N_v, p*p*3]
+    pred_a = patch_ops.patchify_audio(pred_audio[None], p)[0]  # [N_a, p*p]
+    pred_v = patch_ops.patchify(pred_frame[None], p)[0]  # [N_v, p*p*3]
     return dict(audio=audio, frame=frame, mask_a=mask_a, mask_v=mask_v, pred_a=pred_a, pred_v=pred_v,
                 pred_audio=pred_audio, pred_frame=pred_frame)
 
@@ -46,7 +46,7 @@ def removed_pixels(mask: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
 def test_patch_layout_matches_the_model():
     img = torch.randn(2, 3, H, W)
     ours = np.stack([V.patchify(x.permute(1, 2, 0).numpy(), p) for x in img])
-    np.testing.assert_allclose(ours, P.patchify(img, p).numpy(), rtol=0, atol=0)
+    np.testing.assert_allclose(ours, patch_ops.patchify(img, p).numpy(), rtol=0, atol=0)
     np.testing.assert_allclose(V.unpatchify(ours[0], GRID_V, p), img[0].permute(1, 2, 0).numpy())
 
 
@@ -76,8 +76,9 @@ def test_reconstruction_panels_exact(inputs):
 
 def test_norm_pix_predictions_are_unstandardised(inputs):
     x = inputs
-    target_a = P.normalize_patches(P.patchify_audio(x["audio"][None], p))[0]  # a perfect norm-pix prediction
-    target_v = P.normalize_patches(P.patchify(x["frame"][None], p))[0]
+    # a perfect norm-pix prediction
+    target_a = patch_ops.normalize_patches(patch_ops.patchify_audio(x["audio"][None], p))[0]
+    target_v = patch_ops.normalize_patches(patch_ops.patchify(x["frame"][None], p))[0]
     panels = V.reconstruction_panels(x["audio"], x["frame"], x["mask_a"], x["mask_v"], target_a, target_v, p,
                                      norm_pix=True)
     np.testing.assert_allclose(panels["audio_recon"], panels["audio_input"], atol=1e-4)

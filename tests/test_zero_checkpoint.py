@@ -1,4 +1,4 @@
-"""ZeRO-2 / ZeRO-3 checkpoints (tgdp/checkpoint/zero_state.py) with REAL gloo ranks and DeepSpeed
+"""ZeRO-2 / ZeRO-3 checkpoints (tgdp/parallel/zero_state.py) with REAL gloo ranks and DeepSpeed
 engines: name-keyed full-tensor state, bitwise save -> load -> next step on 2 ranks (the same engines
 after a perturbing step, and fresh engines that never stepped), and the 2-rank checkpoint loaded by ONE
 process, into a 1-rank engine of the same stage and into a plain `none` model with torch's AdamW,
@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from tests.dist_tools import end_worker
 from tests.test_parallel import MOMENTUM, step_loss, tiny_model
 from tgdp.checkpoint import CheckpointConfig, CheckpointManager, OptimizerState
-from tgdp.checkpoint.zero_state import ZeroEngineState, ZeroModelState, ZeroOptimizerState
+from tgdp.parallel.zero_state import ZeroEngineState, ZeroModelState, ZeroOptimizerState
 from tgdp.optim import OptimConfig, build_optimizer, param_groups
 from tgdp.parallel import (ParallelConfig, backward, ema_update_, gather_full_state_dict,
                            init_distributed, local_pairs, optimizer_step, shard_student, shard_teacher)

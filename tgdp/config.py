@@ -18,12 +18,20 @@ from typing import Any, Sequence, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from tgdp.redact import scrub_secrets, secret_env_values
+
 T = TypeVar("T")
 PRESET_ROOT = Path(__file__).parent / "configs"
 
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the field and what is expected."""
+
+
+def require(ok: bool, message: str) -> None:
+    """A config's `validate()` rule: raise ConfigError(message) unless `ok`."""
+    if not ok:
+        raise ConfigError(message)
 
 
 def preset_path(group: str, preset: str | Path) -> Path:
@@ -92,8 +100,6 @@ def config_record(cfg: Any) -> dict[str, Any]:
     `to_dict` with secret-looking values and the values of secret environment variables
     (WANDB_API_KEY, HF_TOKEN, ...) replaced by "***", so a key pasted into the wrong field never
     reaches a file, a console or a shared run folder."""
-    from tgdp.metrics import scrub_secrets, secret_env_values  # deferred: tgdp.metrics imports this module
-
     return scrub_secrets(to_dict(cfg), secret_env_values())
 
 
@@ -111,14 +117,17 @@ def parse_cli(
     flags: dict[str, tuple[str, str]] | None = None,
     default_preset: str | None = None,
     epilog: str | None = None,
+    prog: str | None = None,
 ) -> T:
     """Parse `[--config PRESET_OR_YAML] [--flag value ...] [a.b=c ...]` into a `schema` instance.
 
     `flags` maps a convenience option (`--input`) to a dotted field (`input`) and its help text;
-    such options are sugar for the equivalent dotted override and win over the preset.
+    such options are sugar for the equivalent dotted override and win over the preset. `prog`:
+    the command named in errors (default: the script's file name).
     """
     flags = flags or {}
     parser = argparse.ArgumentParser(
+        prog=prog,
         description=description,
         epilog=(epilog or "")
         + f"\nPresets ({group}): {', '.join(available_presets(group)) or 'none'}. "

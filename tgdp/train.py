@@ -46,10 +46,12 @@ FLAGS = {
 }
 
 
-def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> TrainConfig:
     """The TrainConfig this command line resolves to (exits with a message naming a bad field);
-    the Slurm launchers validate a launch with it before anything is queued (tgdp.launch)."""
-    return parse_cli(TrainConfig, "train", argv, description="TG-DP pretraining.", flags=FLAGS, default_preset="tiny")
+    the Slurm launchers validate a launch with it before anything is queued (tgdp.launch), and
+    name themselves in its errors (`prog`)."""
+    return parse_cli(TrainConfig, "train", argv, description="TG-DP pretraining.", flags=FLAGS, default_preset="tiny",
+                     prog=prog)
 
 
 def main(argv: Sequence[str] | None = None, stop: StopRequested | None = None) -> int:

@@ -20,21 +20,21 @@ import torch
 import torch.distributed as dist
 
 from tgdp import parallel as P
-from tgdp.parallel.config import SHARDED_BACKENDS, ZERO_BACKENDS
+from tgdp.parallel.backend import build_backend
 from tgdp.parallel.watchdog import PeerWatch
-from tgdp.checkpoint import CheckpointConfig, CheckpointManager, OptimizerState
+from tgdp.checkpoint import CheckpointConfig, CheckpointManager
 from tgdp.checkpoint.files import read_json
 from tgdp.checkpoint.layout import META_FILE
-from tgdp.checkpoint.zero_state import ZeroEngineState, ZeroModelState, ZeroOptimizerState
 from tgdp.config import ConfigError, config_record, to_dict
-from tgdp.data.loader import DataConfig, DataWaitInterrupted, DataWaitTimeout, ShardLoader
+from tgdp.data.config import DataConfig
+from tgdp.data.loader import DataWaitInterrupted, DataWaitTimeout, ShardLoader
 from tgdp.eval.periodic import PeriodicEvalConfig, PeriodicRetrieval
 from tgdp.metrics import LoggingConfig, MetricLogger, Throughput, peak_flops
 from tgdp.models.config import ModelConfig
 from tgdp.models.interop import load_mae, load_official
 from tgdp.models.masking import num_kept
-from tgdp.nonfinite import GUARD_MODES, NonFiniteGuard, NonFiniteStop, supports_device_skip
-from tgdp.optim import OptimConfig, build_optimizer, lr_schedule, set_lr
+from tgdp.nonfinite import GUARD_MODES, NonFiniteGuard, NonFiniteStop
+from tgdp.optim import OptimConfig, lr_schedule, set_lr
 from tgdp.task import TaskConfig, TGDPTask, flops_per_sample
 from tgdp.visualize import plot_loss_curves, plot_priority_map, plot_reconstruction
 
@@ -90,7 +90,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.nonfinite_guard not in GUARD_MODES:
             raise ConfigError(f"nonfinite_guard must be one of {list(GUARD_MODES)}, got {self.nonfinite_guard!r}")
-        if self.nonfinite_guard == "device" and (self.optim.fused is False or self.parallel.backend in ZERO_BACKENDS):
+        if self.nonfinite_guard == "device" and (self.optim.fused is False or self.parallel.engine_owns_step):
             raise ConfigError(_DEVICE_GUARD_NEEDS)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
@@ -176,33 +176,20 @@ class _Fetched:
 class StepResult:
     """What a step leaves for logging, still on the device: read only when the step is logged."""
 
-    sums: dict[str, torch.Tensor]  # each term averaged over the step's micro-batches
+    sums: dict[str, torch.Tensor]  # each of the task's terms averaged over the step's micro-batches
     norm: torch.Tensor  # global gradient norm before clipping (DeepSpeed's own under ZeRO)
     applied: bool | torch.Tensor  # a device flag under the device-side guard (tgdp/nonfinite.py)
-    task: TaskConfig
 
     def terms(self) -> dict[str, float]:
-        """Logged names -> floats, plus the step's total loss from its averaged terms (`out.loss`
-        is a micro-batch's share). One device-to-host copy."""
+        """Logged names -> floats. One device-to-host copy."""
         if not self.sums:
             return {}
         names = sorted(self.sums)
         values = dict(zip(names, torch.stack([self.sums[n].float() for n in names]).tolist()))
-        t = self.task
-        values["loss"] = t.recon_weight * values["loss_recon"] + t.contrastive_weight * values["loss_contrastive"] + (
-            t.distill_weight * values["loss_distill"] if t.distill_active else 0.0)
         return {_metric_name(k): v for k, v in values.items()}
 
     def grad_norm(self) -> float:
         return float(self.norm)
-
-
-def _global_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Clip (when max_norm > 0) and return the global gradient norm; DTensor-aware under FSDP2."""
-    grads = [p for p in params if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf"), foreach=True)
-    full = getattr(norm, "full_tensor", None)
-    return full() if callable(full) else norm
 
 
 class Trainer:
@@ -229,14 +216,8 @@ class Trainer:
         task = TGDPTask(_build_student(cfg), cfg.task, cfg.total_steps)
         task.reset_teacher()  # the teacher starts equal to the (initialised) student
         self.task = task
-        self.wrapped = P.shard_student(task.student, cfg.parallel, self.env, **self._zero_kwargs())
-        if task.teacher is not None:
-            P.shard_teacher(task.teacher, cfg.parallel, self.env)
-        if cfg.parallel.backend in SHARDED_BACKENDS:
-            P.verify_sharding(task.student, self.env, cfg.parallel.backend)
-        # DeepSpeed wraps the optimizer it was given: the LR is set on (and state read from) its wrapper.
-        self.is_engine = cfg.parallel.backend in ZERO_BACKENDS
-        self.optimizer = self.wrapped.optimizer if self.is_engine else build_optimizer(task.student, cfg.optim)
+        self.backend = build_backend(cfg.parallel, self.env, task.student, task.teacher, cfg.optim,
+                                     micro_batch_size=cfg.data.batch_size, grad_accum=cfg.grad_accum)
         self.lrs = lr_schedule(cfg.optim, cfg.total_steps)
         if cfg.data.pin_memory is None:  # pinned host batches make the `non_blocking` copies really async
             cfg.data.pin_memory = self.device.type == "cuda"
@@ -251,21 +232,10 @@ class Trainer:
                  "(data/skipped), or use parallel.mixed_precision=fp32 to investigate")
         self.run_id: str | None = None
         self._last_saved_step = -1
-        self._last_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def _zero_kwargs(self) -> dict[str, Any]:
-        """DeepSpeed takes the optimizer (built on the unsharded params) and the batch geometry."""
-        cfg = self.cfg
-        if cfg.parallel.backend not in ZERO_BACKENDS:
-            return {}
-        return {"optimizer": build_optimizer(self.task.student, cfg.optim), "ds_config_overrides": {
-            "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-            "gradient_accumulation_steps": cfg.grad_accum,
-            "gradient_clipping": cfg.optim.grad_clip}}
 
     def _guard_mode(self) -> str:
         """auto -> device where the optimizer can skip on the device (fused AdamW, not DeepSpeed)."""
-        device_ok = not self.is_engine and supports_device_skip(self.optimizer)
+        device_ok = self.backend.can_skip_on_device
         mode = self.cfg.nonfinite_guard
         if mode == "device" and not device_ok:  # optim.fused unset and the parameters on the CPU
             raise ConfigError(_DEVICE_GUARD_NEEDS)
@@ -273,22 +243,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def _models(self) -> dict[str, Any]:
-        """The models as checkpoints and the export see them: modules, or for ZeRO engines adapters
-        that read DeepSpeed's fp32 masters and ZeRO-3 partitions by parameter name."""
         models = {"student": self.task.student}
         if self.task.teacher is not None:
             models["teacher"] = self.task.teacher
-        return {name: ZeroModelState(m) for name, m in models.items()} if self.is_engine else models
+        return models
 
     def app_state(self) -> dict[str, Any]:
         self.guard.settle()  # the streak must count every step taken
-        state: dict[str, Any] = {**self._models(),
-                                 "trainer": {"step": self.step, "nonfinite_streak": self.guard.streak}}
-        if self.is_engine:
-            state.update(optim=ZeroOptimizerState(self.wrapped), engine=ZeroEngineState(self.wrapped))
-        else:
-            state["optim"] = OptimizerState(self.task.student, self.optimizer)
-        return state
+        return {**self.backend.checkpoint_state(self._models()),
+                "trainer": {"step": self.step, "nonfinite_streak": self.guard.streak}}
 
     def resume(self) -> bool:
         """Continue from the newest COMPLETE checkpoint of the run dir, if there is one."""
@@ -297,12 +260,7 @@ class Trainer:
             return False
         self._check_resume_config(latest)
         state = self.app_state()
-        if "engine" in state and "engine" not in self.ckpt.saved_entries(latest):
-            # Written by a DDP / FSDP2 / none run: same names and layouts for weights and AdamW,
-            # only DeepSpeed's own counters are absent (they restart; the trainer's step does not).
-            del state["engine"]
-            log.warning("%s was written without a DeepSpeed engine (backend changed on resume): weights, "
-                        "teacher and AdamW state load by name; DeepSpeed's step counters restart", latest.name)
+        self.backend.drop_missing_entries(state, self.ckpt.saved_entries(latest), latest.name)
         result = self.ckpt.load(latest, state, verify=True)  # refuses a load that differs from the save
         self.step = int(state["trainer"]["step"])
         self.guard.streak = int(state["trainer"]["nonfinite_streak"])
@@ -498,15 +456,12 @@ class Trainer:
         Why: every `.item()` / `float(tensor)` drains the CUDA queue, and the GPU then idles while
         the CPU launches the next kernels. Loss terms stay on the device (`StepResult.terms` reads
         them only when a step is logged). The non-finite guard needs no read before a backward: a
-        NaN loss makes NaN gradients, so the gradient norm decides (tgdp/nonfinite.py). DeepSpeed
-        engines make the same decision inside `step()`: ZeRO's optimizer all-reduces the norm,
-        skips a non-finite step and clears its own gradient partitions (its overflow path, on for
-        fp32 and for bf16 with `check_grad_overflow`, DeepSpeed's default), and reports it through
-        `was_step_applied()`.
+        NaN loss makes NaN gradients, so the gradient norm decides (tgdp/nonfinite.py); the
+        backend takes or skips the update (`TrainingBackend.step`).
         """
         cfg, task = self.cfg, self.task
         step = self.step
-        set_lr(self.optimizer, float(self.lrs[step]))
+        set_lr(self.backend.optimizer, float(self.lrs[step]))
         sums: dict[str, torch.Tensor] = {}
         losses = []
         out = None
@@ -516,47 +471,26 @@ class Trainer:
         bank = task.contrastive_bank(inputs, step, self.env.rank) \
             if cfg.grad_accum > 1 and cfg.task.contrastive_loss == "symmetric_gather" else None
         for micro, (audio, frames) in enumerate(inputs):
-            self._last_inputs = (audio, frames)
             out = task(audio, frames, step, self.env.rank, micro, grad_accum=cfg.grad_accum, bank=bank)
             if step + 1 in cfg.inject_nonfinite_steps and cfg.inject_nonfinite_micro in (-1, micro):
                 out.loss = out.loss * float("nan")
             losses.append(out.loss.detach())
             for name, value in out.scalars().items():
                 sums[name] = sums[name] + value / cfg.grad_accum if name in sums else value / cfg.grad_accum
-            last = micro == cfg.grad_accum - 1
-            with P.gradient_sync(self.wrapped, enabled=last or not cfg.parallel.defer_grad_sync):
-                P.backward(self.wrapped, out.loss, boundary=last)  # this micro-batch's share (task / grad_accum)
-        applied: bool | torch.Tensor
-        if self.is_engine:
-            P.optimizer_step(self.wrapped, self.optimizer)
-            applied = bool(self.wrapped.was_step_applied())
-            ds_norm = self.wrapped.get_global_grad_norm()  # a float DeepSpeed already read (None: not computed)
-            norm = torch.tensor(float("nan") if ds_norm is None else float(ds_norm))
-            if applied:
-                task.update_teacher(step)
-        else:
-            norm = _global_grad_norm(list(task.student.parameters()), cfg.optim.grad_clip)
-            if self.guard.mode == "device":
-                applied = self.guard.decide_on_device(losses + [norm])
-                self.guard.gate_optimizer(self.optimizer, applied)
-                P.optimizer_step(self.wrapped, self.optimizer)
-                task.update_teacher(step, gate=applied)
-            else:
-                applied = self.guard.decide_on_host(losses + [norm])  # the step's one host sync
-                if applied:
-                    P.optimizer_step(self.wrapped, self.optimizer)
-                    task.update_teacher(step)
-                else:  # a non-finite norm made the clip scale the gradients by NaN: drop them
-                    self.optimizer.zero_grad(set_to_none=True)
-        self.guard.record(step + 1, applied)
-        return out, StepResult(sums, norm, applied, cfg.task)
+            self.backend.backward(out.loss, last=micro == cfg.grad_accum - 1)  # this micro-batch's share
+        decision = self.backend.step(losses, self.guard, cfg.optim.grad_clip)
+        if isinstance(decision.applied, torch.Tensor):  # the device-side guard's flag gates the EMA
+            task.update_teacher(step, gate=decision.applied)
+        elif decision.applied:
+            task.update_teacher(step)
+        self.guard.record(step + 1, decision.applied)
+        return out, StepResult(sums, decision.norm, decision.applied)
 
     def _pictures(self, out) -> dict[str, Path]:
         """Reconstruction and teacher priority map of the first sample of the last micro-batch."""
         folder = self.run_dir / "images"
         p = self.cfg.model.patch_size
-        batch = self._last_inputs
-        audio, frame = batch[0][0].float().cpu(), batch[1][0].float().cpu()
+        audio, frame = out.audio[0].float().cpu(), out.frames[0].float().cpu()
         pics = {"reconstruction": plot_reconstruction(
             folder / f"reconstruction_{self.step:07d}.png", audio, frame,
             out.recon_mask_a.mask[0].cpu(), out.recon_mask_v.mask[0].cpu(), out.pred_a[0].float().cpu(),
@@ -569,7 +503,8 @@ class Trainer:
         return pics
 
     def export(self) -> Path:
-        return self.ckpt.export_consolidated(self.run_dir / "export" / "model.safetensors", self._models())
+        return self.ckpt.export_consolidated(self.run_dir / "export" / "model.safetensors",
+                                             self.backend.model_states(self._models()))
 
 
 def _mean_over_ranks(terms: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -585,8 +520,8 @@ def _mean_over_ranks(terms: dict[str, float], device: torch.device) -> dict[str,
 
 
 def _metric_name(term: str) -> str:
-    """TaskOutput term -> logged name: `loss` (total), `loss/<part>`, `train/<other>`."""
-    if term == "loss":
+    """TaskOutput term -> logged name: `loss` (the total), `loss/<part>`, `train/<other>`."""
+    if term == "loss_total":
         return "loss"
     return "loss/" + term[len("loss_"):] if term.startswith("loss_") else "train/" + term
 

@@ -16,7 +16,7 @@ One DCP checkpoint per step folder holds every model, the optimizer and trainer 
 reshards onto any world size. Per-rank data-loader and RNG state sit beside it as JSON. Saves are
 atomic (`step_<N>.tmp/` renamed after every rank finished), discovery skips and reports broken
 folders, and loading never unpickles anything beyond DCP's own metadata classes. DeepSpeed ZeRO
-engines get the same name-keyed layout through the adapters in `tgdp.checkpoint.zero_state`.
+engines get the same name-keyed layout through the adapters in `tgdp.parallel.zero_state`.
 
 Official CAV-MAE / TG-DP weight files (another format) are handled by tgdp/models/interop.py.
 """
@@ -27,7 +27,7 @@ from tgdp.checkpoint.manager import CheckpointManager, CheckpointSaveError, Load
 from tgdp.checkpoint.rng import capture_rng, restore_rng
 from tgdp.checkpoint.safety import ALLOWED_GLOBALS, RestrictedUnpickler, SafeFileSystemReader, SafeLoadPlanner
 from tgdp.checkpoint.stateful import ModelState, OptimizerState
-from tgdp.models.interop import CheckpointError, UnsafeCheckpointError
+from tgdp.checkpoint.errors import CheckpointError, UnsafeCheckpointError
 
 __all__ = [
     "ALLOWED_GLOBALS", "CheckpointConfig", "CheckpointError", "CheckpointManager", "CheckpointSaveError",

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tgdp.models.interop import CheckpointError
+from tgdp.checkpoint.errors import CheckpointError
 
 
 class Collectives:

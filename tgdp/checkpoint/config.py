@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tgdp.config import ConfigError
+from tgdp.config import require
 
 
 @dataclass
@@ -38,14 +38,10 @@ class CheckpointConfig:
     fingerprint: bool = True
 
     def validate(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ConfigError(message)
-
-        need(bool(self.folder) and "/" not in self.folder and self.folder not in (".", ".."),
-             f"checkpoint.folder must be a plain folder name inside the run dir, got {self.folder!r}")
-        need(self.every_steps >= 0, f"checkpoint.every_steps must be >= 0 (0 = off), got {self.every_steps}")
-        need(self.every_minutes >= 0, f"checkpoint.every_minutes must be >= 0 (0 = off), got {self.every_minutes}")
-        need(self.wall_check_every_steps >= 1,
-             f"checkpoint.wall_check_every_steps must be >= 1, got {self.wall_check_every_steps}")
-        need(self.keep_last >= 0, f"checkpoint.keep_last must be >= 0 (0 = keep all), got {self.keep_last}")
+        require(bool(self.folder) and "/" not in self.folder and self.folder not in (".", ".."),
+                f"checkpoint.folder must be a plain folder name inside the run dir, got {self.folder!r}")
+        require(self.every_steps >= 0, f"checkpoint.every_steps must be >= 0 (0 = off), got {self.every_steps}")
+        require(self.every_minutes >= 0, f"checkpoint.every_minutes must be >= 0 (0 = off), got {self.every_minutes}")
+        require(self.wall_check_every_steps >= 1,
+                f"checkpoint.wall_check_every_steps must be >= 1, got {self.wall_check_every_steps}")
+        require(self.keep_last >= 0, f"checkpoint.keep_last must be >= 0 (0 = keep all), got {self.keep_last}")

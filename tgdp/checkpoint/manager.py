@@ -35,7 +35,7 @@ from tgdp.checkpoint.files import fsync_dir, read_json, remove_tree, write_json_
 from tgdp.checkpoint.fingerprint import fingerprint
 from tgdp.checkpoint.safety import SafeFileSystemReader, SafeLoadPlanner, read_dcp_metadata
 from tgdp.checkpoint.stateful import ModelState
-from tgdp.models.interop import CheckpointError, UnsafeCheckpointError
+from tgdp.checkpoint.errors import CheckpointError, UnsafeCheckpointError
 
 log = logging.getLogger("tgdp.checkpoint")
 

@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 
-from tgdp.models.interop import CheckpointError, UnsafeCheckpointError
+from tgdp.checkpoint.errors import CheckpointError, UnsafeCheckpointError
 
 __all__ = ["ALLOWED_GLOBALS", "RestrictedUnpickler", "SafeFileSystemReader", "SafeLoadPlanner", "read_dcp_metadata"]
 

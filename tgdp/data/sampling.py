@@ -27,7 +27,7 @@ import numpy as np
 from webdataset.tariterators import base_plus_ext
 
 from tgdp.config import ConfigError
-from tgdp.data import format as F
+from tgdp.data import format as shard_format
 from tgdp.data.tar_reader import iter_members
 
 T = TypeVar("T")
@@ -67,7 +67,7 @@ def load_shard_set(spec: str) -> list[ShardEntry]:
     for part in (p.strip() for p in spec.split(",")):
         if not part:
             continue
-        index = F.read_index(Path(part))
+        index = shard_format.read_index(Path(part))
         entries.extend(ShardEntry(str(index.root / s.name), s.samples) for s in index.shards)
     if not entries:
         raise ConfigError(f"data.shards={spec!r} lists no shards (empty index)")

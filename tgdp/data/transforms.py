@@ -22,12 +22,12 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from tgdp.data import audio as A
-from tgdp.data import format as F
+from tgdp.data import format as shard_format
 from tgdp.data import frames as Fr
 from tgdp.data.labels import LabelVocab  # noqa: F401  (part of this module's interface)
 
 if TYPE_CHECKING:
-    from tgdp.data.loader import AugmentConfig, DataConfig
+    from tgdp.data.config import AugmentConfig, DataConfig
 
 try:  # libjpeg-turbo through torchvision: faster than PIL and no PIL->tensor copy
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -45,7 +45,7 @@ _BIAS = torch.tensor([m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(
 
 # Exceptions that mean "this sample's bytes are bad" (skip and count it). Anything else (TypeError,
 # AttributeError, ...) is a bug in tgdp and must surface.
-SAMPLE_ERRORS = (F.SampleFormatError, ValueError, RuntimeError, KeyError, OSError, EOFError)
+SAMPLE_ERRORS = (shard_format.SampleFormatError, ValueError, RuntimeError, KeyError, OSError, EOFError)
 
 
 @dataclass
@@ -72,7 +72,7 @@ def audio_window(fbank_bytes: bytes, k: int, num_frames: int, full: int, length:
 
 def window_rows(fbank_bytes: bytes, start: int, end: int) -> np.ndarray:
     """Un-normalised rows `[start, end)` of a stored fbank, zero-padded past its end."""
-    return A.pad_rows(F.decode_fbank(fbank_bytes, start, end, A.NUM_MEL_BINS), 0, end - start)
+    return A.pad_rows(shard_format.decode_fbank(fbank_bytes, start, end, A.NUM_MEL_BINS), 0, end - start)
 
 
 def spec_augment(fbank: np.ndarray, freqm: int, timem: int, rng: np.random.Generator) -> np.ndarray:
@@ -171,15 +171,16 @@ class SampleDecoder:
         cfg = self.cfg
         meta = self._meta(raw)
         K = cfg.num_frames
-        if F.FBANK_EXT not in raw:
-            raise F.SampleFormatError(f"missing member {F.FBANK_EXT}")
-        fbank_bytes = raw[F.FBANK_EXT]
+        if shard_format.FBANK_EXT not in raw:
+            raise shard_format.SampleFormatError(f"missing member {shard_format.FBANK_EXT}")
+        fbank_bytes = raw[shard_format.FBANK_EXT]
         full, length = cfg.full_frames, cfg.audio_frames
         centre = cfg.split == "eval" and cfg.eval_frame < 0
-        # None: the clip holds exactly K frames and window k takes frame k (no times needed)
-        times = Fr.frame_times(meta, F.fbank_num_rows(fbank_bytes)) if centre or Fr.frame_count(meta) != K else None
+        times = None  # the clip holds exactly K frames and window k takes frame k (no times needed)
+        if centre or Fr.frame_count(meta) != K:
+            times = Fr.frame_times(meta, shard_format.fbank_num_rows(fbank_bytes))
         if cfg.split == "retrieval":
-            whole = F.decode_fbank(fbank_bytes, 0, full, A.NUM_MEL_BINS)
+            whole = shard_format.decode_fbank(fbank_bytes, 0, full, A.NUM_MEL_BINS)
             audio = np.stack([A.pad_rows(whole, *A.window_bounds(k, K, full, length)) for k in range(K)])
             js = list(range(K)) if times is None else Fr.window_frames(times, K, full)
             decoded = {j: frame_tensor(self._frame(raw, j), cfg.frame_size, None, None) for j in dict.fromkeys(js)}
@@ -192,7 +193,7 @@ class SampleDecoder:
                 j = k if times is None else Fr.window_frame(times, k, K, full)
                 bounds = A.window_bounds(k, K, full, length)
             else:  # the CAV-MAE protocol: the frame nearest the clip's centre, the window centred there
-                span = Fr.audio_span(F.fbank_num_rows(fbank_bytes))
+                span = Fr.audio_span(shard_format.fbank_num_rows(fbank_bytes))
                 j = Fr.centre_frame(times, span)
                 bounds = A.window_at(Fr.centre_row(span), full, length)
             aug = cfg.augment if train else None
@@ -209,22 +210,22 @@ class SampleDecoder:
         return Decoded(raw["__key__"], np.ascontiguousarray(audio), frames, index, labels, targets, unknown)
 
     def _meta(self, raw: dict[str, Any]) -> dict[str, Any]:
-        if F.META_EXT not in raw:
-            raise F.SampleFormatError(f"missing member {F.META_EXT}")
-        meta = json.loads(raw[F.META_EXT].decode("utf-8"))
+        if shard_format.META_EXT not in raw:
+            raise shard_format.SampleFormatError(f"missing member {shard_format.META_EXT}")
+        meta = json.loads(raw[shard_format.META_EXT].decode("utf-8"))
         if not isinstance(meta, dict):
-            raise F.SampleFormatError("json is not an object")
+            raise shard_format.SampleFormatError("json is not an object")
         labels = meta.get("labels", [])
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-            raise F.SampleFormatError(f"json labels must be a list of strings, got {labels!r}")
+            raise shard_format.SampleFormatError(f"json labels must be a list of strings, got {labels!r}")
         Fr.frame_count(meta)  # validated here: a malformed count is a corrupt sample whatever the split
         return meta
 
     @staticmethod
     def _frame(raw: dict[str, Any], k: int) -> bytes:
-        ext = F.frame_ext(k)
+        ext = shard_format.frame_ext(k)
         if ext not in raw:
-            raise F.SampleFormatError(f"missing member {ext}")
+            raise shard_format.SampleFormatError(f"missing member {ext}")
         return raw[ext]
 
 

@@ -39,9 +39,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from tgdp.config import ConfigError
+from tgdp.config import ConfigError, require
 from tgdp.data import sampling as S
-from tgdp.data.loader import DataConfig
+from tgdp.data.config import DataConfig
 from tgdp.data.transforms import SAMPLE_ERRORS, SampleDecoder, collate
 
 log = logging.getLogger("tgdp.eval")
@@ -65,22 +65,18 @@ class EmbedConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 autocast on the model (the official script: fp16 on GPU)
 
     def validate(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ConfigError(message)
-
-        need(bool(self.shards.strip()), "data.shards is required: the eval shard folder(s) holding index.json")
+        require(bool(self.shards.strip()), "data.shards is required: the eval shard folder(s) holding index.json")
         for part in (p.strip() for p in self.shards.split(",") if p.strip()):
-            need(Path(part).is_dir() and (Path(part) / "index.json").is_file(),
-                 f"data.shards: {part} is not a shard folder (no index.json); build one with data_tools/make_shards.py")
-        need(self.protocol in PROTOCOLS, f"data.protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
-        need(self.pooling in POOLINGS, f"data.pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        need(-1 <= self.frame < self.num_frames, f"data.frame must be -1 (the frame nearest the clip's centre) or in "
-             f"0..{self.num_frames - 1}, got {self.frame}")
-        need(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
-        need(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
-        need(self.max_clips >= 0, f"data.max_clips must be >= 0 (0 = all), got {self.max_clips}")
-        need(self.precision in PRECISIONS, f"data.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+            require(Path(part).is_dir() and (Path(part) / "index.json").is_file(),
+                    f"data.shards: {part} is not a shard folder (no index.json); build one with data_tools/make_shards.py")
+        require(self.protocol in PROTOCOLS, f"data.protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        require(self.pooling in POOLINGS, f"data.pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        require(-1 <= self.frame < self.num_frames, f"data.frame must be -1 (the frame nearest the clip's centre) or in "
+                f"0..{self.num_frames - 1}, got {self.frame}")
+        require(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        require(self.max_clips >= 0, f"data.max_clips must be >= 0 (0 = all), got {self.max_clips}")
+        require(self.precision in PRECISIONS, f"data.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
 
     @property
     def feature(self) -> str:

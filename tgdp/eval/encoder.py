@@ -33,10 +33,11 @@ from omegaconf import OmegaConf
 
 from tgdp.checkpoint import CheckpointConfig, CheckpointManager, find_latest_complete
 from tgdp.checkpoint import layout as L
+from tgdp.checkpoint.errors import CheckpointError
 from tgdp.config import ConfigError
 from tgdp.models.cavmae import CAVMAE, build_model
 from tgdp.models.config import ModelConfig
-from tgdp.models.interop import CheckpointError, load_official, read_state_dict
+from tgdp.models.interop import load_official, read_state_dict
 
 log = logging.getLogger("tgdp.eval")
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tgdp.config import ConfigError, parse_cli, to_dict
+from tgdp.config import ConfigError, parse_cli, require, to_dict
 from tgdp.data.labels import LabelVocab, count_labels
 from tgdp.eval.classification import mean_average_precision, top1_accuracy
 from tgdp.eval.command import run_command
@@ -73,24 +73,20 @@ class ProbeConfig:
     data: EmbedConfig = field(default_factory=EmbedConfig)  # extraction settings (shards come from train/test)
 
     def validate(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ConfigError(message)
-
         for name in ("train", "test"):
             value = getattr(self, name)
-            need(bool(value), f"{name} is required: an embedding cache (.safetensors) or a shard folder")
+            require(bool(value), f"{name} is required: an embedding cache (.safetensors) or a shard folder")
             for part in value.split(","):
-                need(Path(part).exists(), f"{name}: {part} does not exist")
-        need(self.head in HEADS, f"head must be one of {HEADS}, got {self.head!r}")
-        need(self.modality in MODALITIES, f"modality must be one of {MODALITIES}, got {self.modality!r}")
-        need(self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}")
-        need(not self.label_csv or Path(self.label_csv).is_file(), f"label_csv {self.label_csv!r} is not a file")
-        need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
-        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        need(all(lr > 0 for lr in self.lrs), f"lrs must all be > 0, got {list(self.lrs)}")
-        need(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        need(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
+                require(Path(part).exists(), f"{name}: {part} does not exist")
+        require(self.head in HEADS, f"head must be one of {HEADS}, got {self.head!r}")
+        require(self.modality in MODALITIES, f"modality must be one of {MODALITIES}, got {self.modality!r}")
+        require(self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}")
+        require(not self.label_csv or Path(self.label_csv).is_file(), f"label_csv {self.label_csv!r} is not a file")
+        require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(all(lr > 0 for lr in self.lrs), f"lrs must all be > 0, got {list(self.lrs)}")
+        require(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        require(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
         self.optim.validate()
 
 
@@ -265,7 +261,9 @@ def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
     train, test = _features(cfg, "train", env.device, out, cache), _features(cfg, "test", env.device, out, cache)
     results = fit_and_test(cfg, train, test, env.device)
     results["checkpoint"] = cache["encoder"].info if "encoder" in cache else train.meta.get("checkpoint")
-    results["config"] = to_dict(cfg)
+    # the model geometry used (a run's own config wins over model.*); none when both feature sets were files
+    used = cache["encoder"].model_cfg if "encoder" in cache else None
+    results["config"] = {**to_dict(cfg), "model": to_dict(used) if used is not None else None}
     if env.rank == 0:
         results["output"] = str(out)
         (out / "probe.json").write_text(json.dumps(results, indent=1, default=str))

@@ -15,7 +15,7 @@ import torch
 
 from tgdp.data import sampling as S
 from tgdp.data.audio import FBANK_MEAN, FBANK_STD
-from tgdp.data.loader import DataConfig
+from tgdp.data.config import DataConfig
 from tgdp.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SampleDecoder
 from tgdp.eval.ranking import normalise, top_matches
 from tgdp.visualize import plot_recall_curves, plot_retrieval_examples

@@ -122,7 +122,7 @@ def run_retrieval(cfg: RetrievalConfig) -> dict[str, Any]:
     results: dict[str, Any] = {
         "protocol": cfg.data.protocol, "feature": emb.meta["feature"], "clips": len(emb), "ties": cfg.ties,
         **metrics, "chance": chance_levels(len(emb), cfg.ks), "checkpoint": loaded.info, "embedding": emb.meta,
-        "config": to_dict(cfg)}
+        "config": {**to_dict(cfg), "model": to_dict(m)}}  # the geometry used (a run's own config wins)
     if env.rank == 0:
         out = cfg.output_dir()
         out.mkdir(parents=True, exist_ok=True)

@@ -27,9 +27,11 @@ from omegaconf import OmegaConf
 from tgdp.checkpoint import find_latest_complete
 from tgdp.checkpoint.layout import parse_step
 from tgdp.config import ConfigError
-from tgdp.data import format as F
+from tgdp.data import format as shard_format
 from tgdp.data import sampling as S
 from tgdp.trainer import TrainConfig
+
+PROG = "python -m tgdp.launch.checks"  # the command named in its errors
 
 
 class LaunchError(ValueError):
@@ -102,7 +104,7 @@ def check_launch(cfg: TrainConfig, shape: Shape, *, resumes_from_periodic: bool 
 def _check_shards(cfg: TrainConfig, problems: list[str]) -> list[S.ShardEntry] | None:
     try:
         shards = S.load_shard_set(cfg.data.shards)
-    except (FileNotFoundError, F.SampleFormatError, ConfigError, json.JSONDecodeError, OSError) as exc:
+    except (FileNotFoundError, shard_format.SampleFormatError, ConfigError, json.JSONDecodeError, OSError) as exc:
         problems.append(f"data.shards={cfg.data.shards!r}: {exc}")
         return None
     missing = [s.url for s in shards if not Path(s.url).is_file()]
@@ -155,14 +157,14 @@ def run_finished(run_dir: str | Path) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = ("usage: python -m tgdp.launch.checks check --nodes N --procs-per-node G -- TRAIN_ARGS\n"
-             "       python -m tgdp.launch.checks finished RUN_DIR | -- TRAIN_ARGS")
+    usage = (f"usage: {PROG} check --nodes N --procs-per-node G -- TRAIN_ARGS\n"
+             f"       {PROG} finished RUN_DIR | -- TRAIN_ARGS")
     import argparse
 
     from tgdp.train import parse_args
 
     if argv[:1] == ["finished"] and len(argv) >= 2:
-        run_dir = parse_args(argv[2:]).run_dir if argv[1] == "--" else argv[1]
+        run_dir = parse_args(argv[2:], prog=PROG).run_dir if argv[1] == "--" else argv[1]
         step, total = run_progress(run_dir)
         print(f"{run_dir}: newest complete checkpoint at step {step} of {total if total is not None else '?'}")
         return 0 if run_finished(run_dir) else 1
@@ -170,11 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(usage, file=sys.stderr)
         return 2
     split = argv.index("--")
-    parser = argparse.ArgumentParser(prog="python -m tgdp.launch.checks check")
+    parser = argparse.ArgumentParser(prog=f"{PROG} check")
     parser.add_argument("--nodes", type=int, required=True)
     parser.add_argument("--procs-per-node", type=int, required=True)
     args = parser.parse_args(argv[1:split])
-    cfg = parse_args(argv[split + 1:])  # exits 2 naming the field when the config itself is bad
+    cfg = parse_args(argv[split + 1:], prog=PROG)  # exits 2 naming the field when the config itself is bad
     try:
         summary = check_launch(cfg, Shape(args.nodes, args.procs_per_node))
     except LaunchError as exc:

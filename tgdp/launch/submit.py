@@ -234,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg, train_argv = parse(sys.argv[1:] if argv is None else argv)
     from tgdp.train import parse_args
 
-    train_cfg = parse_args(train_argv)  # exits 2 naming the field when the config itself is bad
+    train_cfg = parse_args(train_argv, prog="python -m tgdp.launch")  # exits 2 naming a bad field
     try:
         cfg.validate()
         summary = check_launch(train_cfg, Shape(cfg.nodes, cfg.ranks_per_node), resumes_from_periodic=True)

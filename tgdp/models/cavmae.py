@@ -32,7 +32,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 
-from tgdp.models import patches as P
+from tgdp.models import patches as patch_ops
 from tgdp.models.blocks import Block, LayerNorm
 from tgdp.models.config import ModelConfig
 from tgdp.models.masking import Masking, apply_masking, random_masking, structured_masking
@@ -223,7 +223,7 @@ class CAVMAE(nn.Module):
     def tokenize(self, audio: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """audio [B, T, F], frames [B, 3, H, W] -> patch tokens + positions + modality, [B, N_a, D], [B, N_v, D]."""
         dtype = self.stream_dtype(audio.device.type)
-        a = self.patch_embed_a(P.audio_as_image(audio))  # [B, N_a, D], index f_row * (T/p) + t_col
+        a = self.patch_embed_a(patch_ops.audio_as_image(audio))  # [B, N_a, D], index f_row * (T/p) + t_col
         a = (a + self.pos_embed_a + self.modality_a).to(dtype)  # the sums in fp32, rounded once
         v = self.patch_embed_v(frames)  # [B, N_v, D]
         v = (v + self.pos_embed_v + self.modality_v).to(dtype)
@@ -419,16 +419,16 @@ class CAVMAE(nn.Module):
         return mask_a, mask_v
 
     def patchify_audio(self, audio: torch.Tensor) -> torch.Tensor:
-        return P.patchify_audio(audio, self.cfg.patch_size)  # [B, T, F] -> [B, N_a, p*p]
+        return patch_ops.patchify_audio(audio, self.cfg.patch_size)  # [B, T, F] -> [B, N_a, p*p]
 
     def unpatchify_audio(self, x: torch.Tensor) -> torch.Tensor:
-        return P.unpatchify_audio(x, self.grid_a, self.cfg.patch_size)  # [B, N_a, p*p] -> [B, T, F]
+        return patch_ops.unpatchify_audio(x, self.grid_a, self.cfg.patch_size)  # [B, N_a, p*p] -> [B, T, F]
 
     def patchify_video(self, frames: torch.Tensor) -> torch.Tensor:
-        return P.patchify(frames, self.cfg.patch_size)  # [B, 3, H, W] -> [B, N_v, p*p*3]
+        return patch_ops.patchify(frames, self.cfg.patch_size)  # [B, 3, H, W] -> [B, N_v, p*p*3]
 
     def unpatchify_video(self, x: torch.Tensor) -> torch.Tensor:
-        return P.unpatchify(x, self.cfg.in_chans, self.grid_v, self.cfg.patch_size)  # -> [B, 3, H, W]
+        return patch_ops.unpatchify(x, self.cfg.in_chans, self.grid_v, self.cfg.patch_size)  # -> [B, 3, H, W]
 
     def mae_targets(self, audio: torch.Tensor, frames: torch.Tensor,
                     norm_pix: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -436,13 +436,13 @@ class CAVMAE(nn.Module):
         norm_pix = self.cfg.norm_pix_loss if norm_pix is None else norm_pix
         target_a, target_v = self.patchify_audio(audio), self.patchify_video(frames)
         if norm_pix:
-            target_a, target_v = P.normalize_patches(target_a), P.normalize_patches(target_v)
+            target_a, target_v = patch_ops.normalize_patches(target_a), patch_ops.normalize_patches(target_v)
         return target_a, target_v
 
     @staticmethod
     def forward_mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per-modality MAE loss: mean over removed patches of the per-patch MSE (see patches.mae_loss)."""
-        return P.mae_loss(pred, target, mask)
+        return patch_ops.mae_loss(pred, target, mask)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> CAVMAE:

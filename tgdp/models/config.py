@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tgdp.config import ConfigError
+from tgdp.config import require
 
 
 @dataclass
@@ -65,32 +65,28 @@ class ModelConfig:
         return rows * cols
 
     def validate(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ConfigError(message)
-
         for name in ("embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads",
                      "patch_size", "audio_frames", "mel_bins", "image_size", "in_chans"):
-            need(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
-        need(0 <= self.modality_specific_depth < self.depth,
-             f"model.modality_specific_depth must be in 0..depth-1 ({self.depth - 1}) so that at least one unified "
-             f"block exists, got {self.modality_specific_depth}")
-        need(self.embed_dim % self.num_heads == 0,
-             f"model.embed_dim ({self.embed_dim}) must be divisible by model.num_heads ({self.num_heads})")
-        need(self.decoder_embed_dim % self.decoder_num_heads == 0,
-             f"model.decoder_embed_dim ({self.decoder_embed_dim}) must be divisible by model.decoder_num_heads "
-             f"({self.decoder_num_heads})")
+            require(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
+        require(0 <= self.modality_specific_depth < self.depth,
+                f"model.modality_specific_depth must be in 0..depth-1 ({self.depth - 1}) so that at least one unified "
+                f"block exists, got {self.modality_specific_depth}")
+        require(self.embed_dim % self.num_heads == 0,
+                f"model.embed_dim ({self.embed_dim}) must be divisible by model.num_heads ({self.num_heads})")
+        require(self.decoder_embed_dim % self.decoder_num_heads == 0,
+                f"model.decoder_embed_dim ({self.decoder_embed_dim}) must be divisible by model.decoder_num_heads "
+                f"({self.decoder_num_heads})")
         # 2-D sin-cos tables split the width in two halves, each split again into sines and cosines.
-        need(self.embed_dim % 4 == 0, f"model.embed_dim must be divisible by 4 (2-D sin-cos table), got {self.embed_dim}")
-        need(self.decoder_embed_dim % 4 == 0,
-             f"model.decoder_embed_dim must be divisible by 4 (2-D sin-cos table), got {self.decoder_embed_dim}")
-        need(self.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {self.mlp_ratio}")
-        need(self.ln_eps > 0, f"model.ln_eps must be > 0, got {self.ln_eps}")
-        need(self.num_register_tokens >= 0, f"model.num_register_tokens must be >= 0, got {self.num_register_tokens}")
+        require(self.embed_dim % 4 == 0, f"model.embed_dim must be divisible by 4 (2-D sin-cos table), got {self.embed_dim}")
+        require(self.decoder_embed_dim % 4 == 0,
+                f"model.decoder_embed_dim must be divisible by 4 (2-D sin-cos table), got {self.decoder_embed_dim}")
+        require(self.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {self.mlp_ratio}")
+        require(self.ln_eps > 0, f"model.ln_eps must be > 0, got {self.ln_eps}")
+        require(self.num_register_tokens >= 0, f"model.num_register_tokens must be >= 0, got {self.num_register_tokens}")
         # A patch grid that does not tile the input would silently drop the remainder (the conv's stride).
-        need(self.audio_frames % self.patch_size == 0,
-             f"model.audio_frames ({self.audio_frames}) must be a multiple of model.patch_size ({self.patch_size})")
-        need(self.mel_bins % self.patch_size == 0,
-             f"model.mel_bins ({self.mel_bins}) must be a multiple of model.patch_size ({self.patch_size})")
-        need(self.image_size % self.patch_size == 0,
-             f"model.image_size ({self.image_size}) must be a multiple of model.patch_size ({self.patch_size})")
+        require(self.audio_frames % self.patch_size == 0,
+                f"model.audio_frames ({self.audio_frames}) must be a multiple of model.patch_size ({self.patch_size})")
+        require(self.mel_bins % self.patch_size == 0,
+                f"model.mel_bins ({self.mel_bins}) must be a multiple of model.patch_size ({self.patch_size})")
+        require(self.image_size % self.patch_size == 0,
+                f"model.image_size ({self.image_size}) must be a multiple of model.patch_size ({self.patch_size})")

@@ -31,23 +31,12 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from tgdp.checkpoint.errors import CheckpointError, CheckpointMismatchError, UnsafeCheckpointError
 from tgdp.models.cavmae import POS_TABLES, CAVMAE
 
 PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DDP, torch.compile
 WRAPPER_KEYS = ("model", "state_dict", "module")  # {'model': sd} (MAE), {'state_dict': sd}, DeepSpeed
 Source = str | os.PathLike | Mapping[str, Any]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as asked."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """The file holds pickled objects other than tensors; loading it would run arbitrary code."""
-
-
-class CheckpointMismatchError(CheckpointError):
-    """strict=True and the checkpoint's keys or shapes do not match the model."""
 
 
 @dataclass

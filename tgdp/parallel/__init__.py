@@ -1,17 +1,16 @@
-"""tgdp.parallel: the ONLY place that knows DDP, FSDP2 / HSDP and DeepSpeed ZeRO (besides
-tgdp.checkpoint.zero_state, which reads and writes ZeRO state for checkpoints).
+"""tgdp.parallel: the ONLY place that knows DDP, FSDP2 / HSDP and DeepSpeed ZeRO, including the
+ZeRO checkpoint adapters (zero_state.py) that `TrainingBackend` hands to tgdp.checkpoint.
 
     env = init_distributed()                                   # torchrun / accelerate / submitit env
-    teacher = copy.deepcopy(student)                           # BEFORE sharding: equal start
-    wrapped = shard_student(student, cfg.parallel, env)        # zero*: optimizer=... here
-    shard_teacher(teacher, cfg.parallel, env)                  # same recipe, inference_only
-    verify_sharding(student, env, cfg.parallel.backend)        # refuses a silently unsharded model
+    backend = build_backend(cfg.parallel, env, student, teacher, cfg.optim, micro_batch_size=..., grad_accum=...)
     ... student.encode_masked(...); teacher.teacher_forward(...)  # entry points work on every backend
-    backward(wrapped, loss); optimizer_step(wrapped, optimizer)
+    backend.backward(loss, last=True); backend.step(losses, guard, grad_clip)
     ema_update_(local_pairs(student, teacher), momentum)       # shard-local, no communication
 
-docs/sharding.md explains which backend to pick, the teacher per backend, and the launch configs
-in ds_configs/.
+`build_backend` is imported from tgdp.parallel.backend (it needs tgdp.checkpoint's Statefuls;
+this package itself stays importable without them). The functions below are its parts:
+shard_student / shard_teacher / verify_sharding, backward / gradient_sync / optimizer_step. docs/sharding.md
+explains which backend to pick, the teacher per backend, and the launch configs in ds_configs/.
 """
 
 from tgdp.parallel.config import BACKENDS, ParallelConfig

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tgdp.config import ConfigError
+from tgdp.config import require
 
 BACKENDS = ("none", "ddp", "fsdp2", "hsdp", "zero2", "zero3")
 SHARDED_BACKENDS = ("fsdp2", "hsdp", "zero3")  # parameters are split over ranks
@@ -89,39 +89,35 @@ class ParallelConfig:
     timeout_s: float = 1800.0
 
     def validate(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ConfigError(message)
-
-        need(self.backend in BACKENDS, f"parallel.backend must be one of {list(BACKENDS)}, got {self.backend!r}")
-        need(self.mixed_precision in MIXED_PRECISIONS,
-             f"parallel.mixed_precision must be one of {list(MIXED_PRECISIONS)}, got {self.mixed_precision!r}")
-        need(self.timeout_s > 0, f"parallel.timeout_s must be > 0 (seconds), got {self.timeout_s}")
-        need(self.shard_group_size >= 0,
-             f"parallel.shard_group_size must be >= 0 (0 = ranks per node), got {self.shard_group_size}")
-        need(self.shard_group_size == 0 or self.backend == "hsdp",
-             f"parallel.shard_group_size is only used by backend hsdp; set it to 0 or use parallel.backend=hsdp "
-             f"(got backend {self.backend!r}, shard_group_size {self.shard_group_size})")
-        need(self.compile_backend in ("inductor", "aot_eager", "eager"),
-             f"parallel.compile_backend must be inductor, aot_eager or eager, got {self.compile_backend!r}")
-        need(self.compile_mode in COMPILE_MODES,
-             f"parallel.compile_mode must be one of {list(COMPILE_MODES)}, got {self.compile_mode!r}")
-        need(self.compile_scope in COMPILE_SCOPES,
-             f"parallel.compile_scope must be one of {list(COMPILE_SCOPES)}, got {self.compile_scope!r}")
-        need(not (self.compile and self.compile_scope == "pass") or self.backend in ("none", "ddp"),
-             f"parallel.compile_scope=pass needs parallel.backend none or ddp (got {self.backend!r}): FSDP2's "
-             "per-block gather / reshard hooks cannot sit inside one graph; use parallel.compile_scope=block")
+        require(self.backend in BACKENDS, f"parallel.backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        require(self.mixed_precision in MIXED_PRECISIONS,
+                f"parallel.mixed_precision must be one of {list(MIXED_PRECISIONS)}, got {self.mixed_precision!r}")
+        require(self.timeout_s > 0, f"parallel.timeout_s must be > 0 (seconds), got {self.timeout_s}")
+        require(self.shard_group_size >= 0,
+                f"parallel.shard_group_size must be >= 0 (0 = ranks per node), got {self.shard_group_size}")
+        require(self.shard_group_size == 0 or self.backend == "hsdp",
+                f"parallel.shard_group_size is only used by backend hsdp; set it to 0 or use parallel.backend=hsdp "
+                f"(got backend {self.backend!r}, shard_group_size {self.shard_group_size})")
+        require(self.compile_backend in ("inductor", "aot_eager", "eager"),
+                f"parallel.compile_backend must be inductor, aot_eager or eager, got {self.compile_backend!r}")
+        require(self.compile_mode in COMPILE_MODES,
+                f"parallel.compile_mode must be one of {list(COMPILE_MODES)}, got {self.compile_mode!r}")
+        require(self.compile_scope in COMPILE_SCOPES,
+                f"parallel.compile_scope must be one of {list(COMPILE_SCOPES)}, got {self.compile_scope!r}")
+        require(not (self.compile and self.compile_scope == "pass") or self.backend in ("none", "ddp"),
+                f"parallel.compile_scope=pass needs parallel.backend none or ddp (got {self.backend!r}): FSDP2's "
+                "per-block gather / reshard hooks cannot sit inside one graph; use parallel.compile_scope=block")
         if self.backend in ZERO_BACKENDS:
-            need(not self.compile, f"parallel.compile=true is not supported with parallel.backend={self.backend} "
+            require(not self.compile, f"parallel.compile=true is not supported with parallel.backend={self.backend} "
                                    "(DeepSpeed's parameter hooks break per-block graphs); set parallel.compile=false "
                                    "or use fsdp2 / hsdp / ddp")
             path = self.deepspeed_config_path()
-            need(path.is_file(), f"parallel.deepspeed_config: {path} does not exist; point it at a JSON in "
+            require(path.is_file(), f"parallel.deepspeed_config: {path} does not exist; point it at a JSON in "
                                  f"ds_configs/ (e.g. ds_configs/{self.backend}.json)")
         else:
-            need(self.deepspeed_config == "",
-                 f"parallel.deepspeed_config is only read by zero2 / zero3; clear it or set parallel.backend "
-                 f"(got backend {self.backend!r})")
+            require(self.deepspeed_config == "",
+                    f"parallel.deepspeed_config is only read by zero2 / zero3; clear it or set parallel.backend "
+                    f"(got backend {self.backend!r})")
 
     def deepspeed_config_path(self) -> Path:
         """The DeepSpeed JSON for this backend: as given if it exists, else relative to the repo root."""
@@ -131,3 +127,8 @@ class ParallelConfig:
     @property
     def shards_parameters(self) -> bool:
         return self.backend in SHARDED_BACKENDS
+
+    @property
+    def engine_owns_step(self) -> bool:
+        """A DeepSpeed engine clips, decides a non-finite skip and updates inside its own step."""
+        return self.backend in ZERO_BACKENDS

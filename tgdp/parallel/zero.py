@@ -62,7 +62,7 @@ def load_deepspeed_config(cfg: ParallelConfig, overrides: Optional[dict[str, Any
         raise ConfigError(f"{path}: remove {set_precision}; precision comes from parallel.mixed_precision")
     nvme = [f"zero_optimization.{k}.device" for k in ("offload_optimizer", "offload_param")
             if str(ds.get("zero_optimization", {}).get(k, {}).get("device", "")).lower() == "nvme"]
-    if nvme:  # tgdp.checkpoint.zero_state reads optimizer state from memory; swapped-out state it cannot
+    if nvme:  # tgdp.parallel.zero_state reads optimizer state from memory; swapped-out state it cannot
         raise ConfigError(f"{path}: {nvme} = nvme: tgdp's ZeRO checkpoints cannot read NVMe-swapped state; "
                           "offload to 'cpu' (or not at all)")
     stage = ds.get("zero_optimization", {}).get("stage")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from tgdp.config import ConfigError
+from tgdp.config import require
 from tgdp.models.masking import RANK_MODES, STRUCTURED_MODES
 from tgdp.schedules import SCHEDULE_KINDS
 
@@ -77,13 +77,9 @@ class TaskConfig:
         return self.mode == "tgdp" and self.distill
 
     def validate(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ConfigError(message)
-
         def one_of(name: str, choices: tuple[str, ...]) -> None:
             value = getattr(self, name)
-            need(value in choices, f"task.{name} must be one of {list(choices)}, got {value!r}")
+            require(value in choices, f"task.{name} must be one of {list(choices)}, got {value!r}")
 
         one_of("mode", MODES)
         one_of("ranking", RANK_MODES)
@@ -92,18 +88,18 @@ class TaskConfig:
         one_of("contrastive_loss", CONTRASTIVE_LOSSES)
         ratios = ["recon_mask_ratio", "contrastive_mask_ratio"]
         if self.contrastive_mask_schedule != "constant":
-            need(self.contrastive_mask_ratio_end is not None,
-                 f"task.contrastive_mask_ratio_end is required with contrastive_mask_schedule="
-                 f"{self.contrastive_mask_schedule!r}")
+            require(self.contrastive_mask_ratio_end is not None,
+                    f"task.contrastive_mask_ratio_end is required with contrastive_mask_schedule="
+                    f"{self.contrastive_mask_schedule!r}")
             ratios.append("contrastive_mask_ratio_end")
         for name in ratios:  # a ratio of 1 would leave no visible token for the encoder
             value = getattr(self, name)
-            need(0.0 <= value < 1.0, f"task.{name} must be in [0, 1), got {value}")
+            require(0.0 <= value < 1.0, f"task.{name} must be in [0, 1), got {value}")
         for name in ("recon_weight", "contrastive_weight", "distill_weight"):
-            need(getattr(self, name) >= 0.0, f"task.{name} must be >= 0, got {getattr(self, name)}")
-        need(self.temperature > 0.0, f"task.temperature must be > 0, got {self.temperature}")
-        need(self.gumbel_temperature > 0.0, f"task.gumbel_temperature must be > 0, got {self.gumbel_temperature}")
+            require(getattr(self, name) >= 0.0, f"task.{name} must be >= 0, got {getattr(self, name)}")
+        require(self.temperature > 0.0, f"task.temperature must be > 0, got {self.temperature}")
+        require(self.gumbel_temperature > 0.0, f"task.gumbel_temperature must be > 0, got {self.gumbel_temperature}")
         for name in ("ema_momentum_start", "ema_momentum_end"):
             value = getattr(self, name)
-            need(0.0 <= value <= 1.0, f"task.{name} must be in [0, 1], got {value}")
-        need(self.seed >= 0, f"task.seed must be >= 0, got {self.seed}")
+            require(0.0 <= value <= 1.0, f"task.{name} must be in [0, 1], got {value}")
+        require(self.seed >= 0, f"task.seed must be >= 0, got {self.seed}")

@@ -67,7 +67,8 @@ class Schedules:
 class TaskOutput:
     """One micro-batch's losses (`loss` differentiable, the rest detached fp32) and what to visualise."""
 
-    loss: Tensor  # total, differentiable
+    loss: Tensor  # this micro-batch's differentiable share of the step's loss (see `forward`)
+    loss_total: Tensor  # the weighted total of the terms below: the logged `loss`
     loss_recon: Tensor  # L_a + L_v (unweighted)
     loss_recon_a: Tensor
     loss_recon_v: Tensor
@@ -83,8 +84,10 @@ class TaskOutput:
     teacher_scores_a: Optional[Tensor]  # [B, N_a] priorities, original patch order; None without teacher pass
     teacher_scores_v: Optional[Tensor]
     contrastive_mask_ratio: float  # the ratio the contrastive loss's pass actually used
+    audio: Tensor  # the micro-batch's inputs, for pictures ([B, T, F], [B, 3, H, W])
+    frames: Tensor
 
-    SCALARS = ("loss", "loss_recon", "loss_recon_a", "loss_recon_v", "loss_contrastive", "contrastive_acc",
+    SCALARS = ("loss_total", "loss_recon", "loss_recon_a", "loss_recon_v", "loss_contrastive", "contrastive_acc",
                "loss_distill")
 
     def scalars(self) -> dict[str, Tensor]:
@@ -271,13 +274,14 @@ class TGDPTask(nn.Module):
         loss = per_sample / grad_accum + (contrastive if bank is not None else contrastive / grad_accum)
 
         return TaskOutput(
-            loss=loss, loss_recon=_detached(loss_a + loss_v), loss_recon_a=_detached(loss_a),
+            loss=loss, loss_total=_detached(per_sample + contrastive), loss_recon=_detached(loss_a + loss_v),
+            loss_recon_a=_detached(loss_a),
             loss_recon_v=_detached(loss_v), loss_contrastive=_detached(loss_c), contrastive_acc=_detached(acc),
             loss_distill=_detached(loss_d), pred_a=pred_a.detach(), pred_v=pred_v.detach(),
             recon_mask_a=mask_a, recon_mask_v=mask_v, contrastive_mask_a=con_a, contrastive_mask_v=con_v,
             teacher_scores_a=None if teacher_out is None else teacher_out.scores_a,
             teacher_scores_v=None if teacher_out is None else teacher_out.scores_v,
-            contrastive_mask_ratio=con_ratio,
+            contrastive_mask_ratio=con_ratio, audio=audio, frames=frames,
         )
 
     @torch.no_grad()

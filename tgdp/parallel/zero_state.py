@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from tgdp.config import ConfigError
-from tgdp.models.interop import CheckpointError
+from tgdp.checkpoint.errors import CheckpointError
 from tgdp.parallel import zero
 from tgdp.parallel.wrap import placement, unwrap
 
