@@ -250,10 +250,12 @@ def memory_worker(args: argparse.Namespace) -> None:
     for backend in args.mem_backends.split(","):
         cfg.parallel.backend = backend
         torch.manual_seed(0)
-        task = TGDPTask(build_model(cfg.model), cfg.task, total_steps=10)
-        task.reset_teacher()
-        trained = build_backend(cfg.parallel, env, task.student, task.teacher, cfg.optim,
+        student = build_model(cfg.model)  # as the trainer: the teacher is built after the student is sharded
+        trained = build_backend(cfg.parallel, env, student,
+                                (lambda: build_model(cfg.model)) if cfg.task.uses_teacher else None, cfg.optim,
                                 micro_batch_size=cfg.data.batch_size, grad_accum=1)
+        task = TGDPTask(student, cfg.task, total_steps=10, teacher=trained.teacher)
+        task.reset_teacher()
         wrapped, teacher, optimizer = trained.wrapped, task.teacher, trained.optimizer
         g = torch.Generator().manual_seed(env.rank)
         m = cfg.model
@@ -271,7 +273,7 @@ def memory_worker(args: argparse.Namespace) -> None:
         gathered: list[Any] = [None] * env.world_size
         dist.all_gather_object(gathered, mine)
         results[backend] = gathered
-        del task, trained, wrapped, teacher, optimizer, out
+        del task, student, trained, wrapped, teacher, optimizer, out
         gc.collect()
         dist.barrier()
     if env.rank == 0:

@@ -278,7 +278,7 @@ def worker(rank: int, world: int, store: str, job: dict[str, Any]) -> None:
         n_trained = sum(p.numel() for p in task.student.parameters() if p.requires_grad)
         log.enabled = True
         with log.phase("setup"):  # as the trainer: shard, verify the sharding, build the optimizer
-            trained = build_backend(cfg.parallel, env, task.student, task.teacher, cfg.optim,
+            trained = build_backend(cfg.parallel, env, task.student, lambda: task.teacher, cfg.optim,
                                     micro_batch_size=cfg.data.batch_size, grad_accum=1)
         wrapped = trained.wrapped
         guard = NonFiniteGuard(1 << 30, env.device, "host")

@@ -333,3 +333,36 @@ def test_compiled_model_trains_like_eager(train_shards, tmp_path, backend, scope
         losses[compiled] = [r["loss"] for r in read_metrics(run / "metrics.jsonl")]
         assert len(losses[compiled]) == 2, out
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+
+
+def test_the_teacher_is_built_after_the_student_is_sharded_and_starts_equal_to_it(train_shards, tmp_path,
+                                                                                  monkeypatch):
+    """One full model per rank at a time: the trainer shards the student before it builds the
+    teacher (observed through the real build_backend), and the teacher then equals the student in
+    every parameter (one rank, FSDP2)."""
+    from torch.distributed.tensor import DTensor
+
+    import tgdp.trainer as trainer_module
+    from tgdp import parallel as P
+    from tgdp.train import parse_args
+
+    cfg = parse_args([*common(train_shards, 2), "--run-dir", str(tmp_path / "run"), "parallel.backend=fsdp2",
+                      "device=cpu", "data.num_workers=0"])
+    build_backend, sharded_first = trainer_module.build_backend, []
+
+    def observed(cfg_, env, student, make_teacher, *args, **kwargs):
+        def teacher():
+            sharded_first.append(isinstance(next(student.parameters()), DTensor))
+            return make_teacher()
+        return build_backend(cfg_, env, student, teacher, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "build_backend", observed)
+    trainer = trainer_module.Trainer(cfg)
+    try:
+        assert sharded_first == [True]
+        student, teacher = (P.gather_full_state_dict(m) for m in (trainer.task.student, trainer.task.teacher))
+        assert student.keys() == teacher.keys() and student
+        for key in student:
+            assert torch.equal(student[key], teacher[key]), key
+    finally:
+        trainer.close()

@@ -14,7 +14,7 @@ import logging
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,7 @@ from tgdp.data.config import DataConfig
 from tgdp.data.loader import DataWaitInterrupted, DataWaitTimeout, ShardLoader
 from tgdp.eval.periodic import PeriodicEvalConfig, PeriodicRetrieval
 from tgdp.metrics import LoggingConfig, MetricLogger, Throughput, peak_flops
+from tgdp.models.cavmae import build_model
 from tgdp.models.config import ModelConfig
 from tgdp.models.interop import load_mae, load_official
 from tgdp.models.masking import num_kept
@@ -213,11 +214,16 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.step = 0
 
-        task = TGDPTask(_build_student(cfg), cfg.task, cfg.total_steps)
-        task.reset_teacher()  # the teacher starts equal to the (initialised) student
-        self.task = task
-        self.backend = build_backend(cfg.parallel, self.env, task.student, task.teacher, cfg.optim,
+        student = _build_student(cfg)
+        # The teacher is built once the student is sharded (one full model per rank at a time),
+        # from the same seed (the student's initial weights), and then made equal to the
+        # initialised student shard-locally (`reset_teacher`: every trained parameter).
+        make_teacher = (lambda: _seeded(cfg.seed, build_model, cfg.model)) if cfg.task.uses_teacher else None
+        self.backend = build_backend(cfg.parallel, self.env, student, make_teacher, cfg.optim,
                                      micro_batch_size=cfg.data.batch_size, grad_accum=cfg.grad_accum)
+        task = TGDPTask(student, cfg.task, cfg.total_steps, teacher=self.backend.teacher)
+        task.reset_teacher()
+        self.task = task
         self.lrs = lr_schedule(cfg.optim, cfg.total_steps)
         if cfg.data.pin_memory is None:  # pinned host batches make the `non_blocking` copies really async
             cfg.data.pin_memory = self.device.type == "cuda"
@@ -526,9 +532,12 @@ def _metric_name(term: str) -> str:
     return "loss/" + term[len("loss_"):] if term.startswith("loss_") else "train/" + term
 
 
-def _build_student(cfg: TrainConfig):
-    from tgdp.models.cavmae import build_model
+def _seeded(seed: int, build: Callable[..., Any], *args: Any) -> Any:
+    torch.manual_seed(seed)
+    return build(*args)
 
+
+def _build_student(cfg: TrainConfig):
     student = build_model(cfg.model)
     if cfg.init.mae_checkpoint:
         report = load_mae(student, cfg.init.mae_checkpoint, strict=cfg.init.strict)

@@ -8,7 +8,8 @@ read DeepSpeed's masters and partitions). Two implementations, because two owner
 exist: torch's optimizer (none / ddp / fsdp2 / hsdp), where tgdp clips, decides and skips, and a
 DeepSpeed engine (zero2 / zero3), which clips, decides and skips inside its own `step()`.
 
-    backend = build_backend(cfg.parallel, env, task.student, task.teacher, cfg.optim, micro_batch_size=...)
+    backend = build_backend(cfg.parallel, env, student, make_teacher, cfg.optim, micro_batch_size=..., grad_accum=...)
+    task = TGDPTask(student, cfg.task, total_steps, teacher=backend.teacher); task.reset_teacher()
     for micro, loss in ...: backend.backward(loss, last=micro == accum - 1)
     decision = backend.step(losses, guard)       # the norm, and whether the update was applied
     state = backend.checkpoint_state({"student": ..., "teacher": ...})
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -51,8 +52,9 @@ class TrainingBackend:
     #: Checkpoint entries of this backend that a checkpoint of another backend may lack.
     optional_entries: tuple[str, ...] = ()
 
-    def __init__(self, cfg: ParallelConfig, student: nn.Module, wrapped: Any, optimizer: torch.optim.Optimizer):
-        self.cfg, self.student, self.wrapped, self.optimizer = cfg, student, wrapped, optimizer
+    def __init__(self, cfg: ParallelConfig, student: nn.Module, teacher: Optional[nn.Module], wrapped: Any,
+                 optimizer: torch.optim.Optimizer):
+        self.cfg, self.student, self.teacher, self.wrapped, self.optimizer = cfg, student, teacher, wrapped, optimizer
 
     @property
     def can_skip_on_device(self) -> bool:
@@ -140,24 +142,31 @@ class ZeroBackend(TrainingBackend):
                     "AdamW state load by name; DeepSpeed's step counters restart", checkpoint)
 
 
-def build_backend(cfg: ParallelConfig, env: DistEnv, student: nn.Module, teacher: Optional[nn.Module],
-                  optim: OptimConfig, *, micro_batch_size: int, grad_accum: int) -> TrainingBackend:
-    """Shard `student` and `teacher` (a copy of the student made before this call) as `cfg` says
+def build_backend(cfg: ParallelConfig, env: DistEnv, student: nn.Module,
+                  make_teacher: Optional[Callable[[], nn.Module]], optim: OptimConfig, *, micro_batch_size: int,
+                  grad_accum: int) -> TrainingBackend:
+    """Shard `student`, then the teacher `make_teacher()` returns (None: no teacher), as `cfg` says,
     and build the optimizer. DeepSpeed takes the optimizer built on the unsharded parameters and
-    the batch geometry; torch's is built on the sharded ones."""
+    the batch geometry; torch's is built on the sharded ones.
+
+    The teacher is made only once the student is sharded, so a rank never holds two full fp32
+    models (2.5 GB each at the large preset): give a factory that builds a fresh model of the
+    student's geometry, and copy the student into it afterwards (`TGDPTask.reset_teacher`: a
+    shard-local copy, exact on every backend)."""
     if cfg.engine_owns_step:
         ds = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": grad_accum,
               "gradient_clipping": optim.grad_clip}
         wrapped = shard_student(student, cfg, env, optimizer=build_optimizer(student, optim), ds_config_overrides=ds)
     else:
         wrapped = shard_student(student, cfg, env)
+    teacher = make_teacher() if make_teacher is not None else None
     if teacher is not None:
         shard_teacher(teacher, cfg, env)
     if cfg.backend in SHARDED_BACKENDS:
         verify_sharding(student, env, cfg.backend)
     if cfg.engine_owns_step:  # DeepSpeed wraps the optimizer it was given: the LR is set on its wrapper
-        return ZeroBackend(cfg, student, wrapped, wrapped.optimizer)
-    return TorchBackend(cfg, student, wrapped, build_optimizer(student, optim))
+        return ZeroBackend(cfg, student, teacher, wrapped, wrapped.optimizer)
+    return TorchBackend(cfg, student, teacher, wrapped, build_optimizer(student, optim))
 
 
 def global_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:

@@ -134,7 +134,10 @@ class TGDPTask(nn.Module):
     `task.student.parameters()` (the teacher's parameters have requires_grad False anyway).
     """
 
-    def __init__(self, student: CAVMAE, cfg: TaskConfig, total_steps: int) -> None:
+    def __init__(self, student: CAVMAE, cfg: TaskConfig, total_steps: int, teacher: Optional[CAVMAE] = None) -> None:
+        """`teacher`: a model of the student's geometry to use as the teacher (e.g. one sharded
+        alongside the student, tgdp.parallel.backend); None: a copy of the student. Either way,
+        call `reset_teacher` once the student's weights are final."""
         super().__init__()
         cfg.validate()
         if total_steps < 1:
@@ -145,8 +148,11 @@ class TGDPTask(nn.Module):
         self.schedules = Schedules.from_config(cfg, total_steps)
         self._check_model(student)
         self.teacher: Optional[CAVMAE] = None
+        if teacher is not None and not cfg.uses_teacher:
+            raise ValueError(f"task.mode={cfg.mode} has no teacher, but one was given")
         if cfg.uses_teacher:
-            teacher = copy.deepcopy(student)  # initialised EQUAL to the student (our choice; paper silent)
+            # the teacher starts EQUAL to the student (our choice; the paper is silent)
+            teacher = teacher if teacher is not None else copy.deepcopy(student)
             for p in teacher.parameters():
                 p.requires_grad_(False)
                 p.grad = None  # deepcopy would carry any existing student gradient over
