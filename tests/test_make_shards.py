@@ -243,3 +243,36 @@ def test_stored_fbank_decodes_windows(corpus_shards):
     assert decode_fbank(sample["fbank.npy"], 900, 1024).shape == (98, 128)  # clipped to what exists
     img = Image.open(io.BytesIO(sample["frame_05.jpg"]))
     assert img.format == "JPEG" and min(img.size) == 224
+
+
+def _blocked_stop_signals() -> set[str]:
+    """In a pool worker: which of SIGTERM / SIGUSR1 the process has blocked (/proc's SigBlk)."""
+    mask = int(Path("/proc/self/status").read_text().split("SigBlk:")[1].split()[0], 16)
+    return {s.name for s in (signal.SIGTERM, signal.SIGUSR1) if mask >> (s.value - 1) & 1}
+
+
+def test_sharding_workers_die_of_sigterm_after_the_training_loader_started_the_forkserver(tmp_path):
+    """The training loader starts this process's forkserver with the stop signals blocked (its
+    decoders leave them to the rank), and every process forked from it inherits the mask. A
+    make_shards pool from the same forkserver must still end on Pool.terminate's SIGTERM: its
+    workers unblock the signals, or the pool's exit waits forever."""
+    import multiprocessing as mp
+
+    from tests.shard_factory import make_shards as write_shards
+    from tgdp.data.config import DataConfig
+    from tgdp.data.loader import ShardLoader
+    from tgdp.data.shards import run
+
+    write_shards(tmp_path / "shards", num_shards=2, samples_per_shard=4)
+    loader = ShardLoader(DataConfig(shards=str(tmp_path / "shards"), batch_size=2, num_workers=1, audio_frames=32,
+                                    full_frames=64, frame_size=32, num_frames=4, eval_frame=0), rank=0, world_size=1)
+    next(iter(loader))  # the forkserver is running now, with SIGTERM and SIGUSR1 blocked
+    ctx = mp.get_context("forkserver")
+    plain = ctx.Pool(1)
+    try:
+        assert plain.apply(_blocked_stop_signals) == {"SIGTERM", "SIGUSR1"}  # what a plain worker inherits
+    finally:  # close + join: a worker that cannot die of SIGTERM still ends on the pool's sentinel
+        plain.close()
+        plain.join()
+    with ctx.Pool(1, initializer=run._init_worker) as pool:
+        assert pool.apply(_blocked_stop_signals) == set()

@@ -250,7 +250,7 @@ class _Streams(IterableDataset):
 # ----------------------------------------------------------------------------- signals
 
 
-def _worker_init(rank_pid: int, worker_id: int) -> None:
+def follow_rank_worker_init(rank_pid: int, worker_id: int) -> None:
     """Decoder processes leave stop requests to the training process, which checkpoints and then
     shuts them down itself, and end with it. Blocked rather than ignored: the mask also survives
     fork and exec, and lets `_follow_rank` read who sent a SIGTERM."""
@@ -430,7 +430,7 @@ class ShardLoader:
         cfg = self.cfg
         kwargs: dict[str, Any] = {"num_workers": cfg.num_workers, "pin_memory": bool(cfg.pin_memory)}
         if cfg.num_workers > 0:
-            kwargs["worker_init_fn"] = functools.partial(_worker_init, os.getpid())
+            kwargs["worker_init_fn"] = functools.partial(follow_rank_worker_init, os.getpid())
             ctx = mp.get_context(cfg.start_method)
             if cfg.start_method == "forkserver":  # import torch & co once in the server, not per worker
                 ctx.set_forkserver_preload(["__main__", "tgdp.data.loader"])

@@ -25,9 +25,11 @@ need because each forward is a collective.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -42,6 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tgdp.config import ConfigError, require
 from tgdp.data import sampling as S
 from tgdp.data.config import DataConfig
+from tgdp.data.loader import follow_rank_worker_init
 from tgdp.data.transforms import SAMPLE_ERRORS, SampleDecoder, collate
 
 log = logging.getLogger("tgdp.eval")
@@ -229,7 +232,10 @@ def extract(model: torch.nn.Module, cfg: EmbedConfig, audio_frames: int, frame_s
     if workers > 0:
         import multiprocessing as mp
 
-        kwargs = {"multiprocessing_context": mp.get_context("forkserver"), "prefetch_factor": 2}
+        # Decoders that end with this process, as the training loader's do (its forkserver may be
+        # this one: they must not depend on the parent, the forkserver, to notice the rank is gone).
+        kwargs = {"multiprocessing_context": mp.get_context("forkserver"), "prefetch_factor": 2,
+                  "worker_init_fn": functools.partial(follow_rank_worker_init, os.getpid())}
     loader = DataLoader(stream, batch_size=None, num_workers=workers, **kwargs)
     feature = cfg.feature
     started = time.perf_counter()

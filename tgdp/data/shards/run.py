@@ -7,6 +7,7 @@ import logging
 import multiprocessing as mp
 import os
 import random
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -74,6 +75,10 @@ def output_dir(cfg: ShardingConfig) -> Path:
 def _init_worker() -> None:
     # One process per core already; intra-op threads would only oversubscribe the cores.
     torch.set_num_threads(1)
+    # A forkserver started by the training loader in this process (tgdp.data.loader) keeps the
+    # stop signals blocked, and its children inherit that mask. These workers must die of
+    # SIGTERM: Pool.terminate ends them with it, and scancel's job-wide SIGTERM should too.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
 
 
 def _extract(job: tuple[Clip, ShardingConfig]) -> tuple[dict[str, bytes] | None, dict[str, str] | None]:
