@@ -213,3 +213,30 @@ def test_pickle_payloads_are_refused(tmp_path: Path) -> None:
         interop.read_state_dict(tmp_path / "nope.pth")
     with pytest.raises(interop.CheckpointError, match="format"):
         interop.save_official(tiny(), tmp_path / "x.ckpt")
+
+
+def test_mae_init_from_timm_layout(tmp_path: Path) -> None:
+    """timm's `vit_base_patch16_224.mae` layout (a tiny ViT of the same architecture, built by timm,
+    no download): encoder loads strictly from .safetensors and .pth, the decoder keeps its init."""
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    vit = timm.create_model("vit_base_patch16_224.mae", pretrained=False, embed_dim=64, depth=3, num_heads=4,
+                            img_size=32, patch_size=8)
+    sd = {k: v.detach().clone().contiguous() for k, v in vit.state_dict().items()}
+    assert interop.is_encoder_only_mae(sd) and not interop.is_encoder_only_mae(mae_checkpoint())
+    save_file(sd, str(tmp_path / "model.safetensors"))  # what timm/vit_base_patch16_224.mae on the HF hub holds
+    torch.save(sd, tmp_path / "timm_mae.pth")
+    for path in (tmp_path / "model.safetensors", tmp_path / "timm_mae.pth"):
+        model = tiny(seed=3)
+        fresh_pred = model.decoder_pred_v.weight.clone()
+        with pytest.warns(UserWarning, match="encoder-only"):
+            report = interop.load_mae(model, path, strict=True)
+        assert report.ok and not report.missing and not report.unexpected, report.summary()
+        assert any(s.startswith("decoder (") for s in report.skipped)
+        assert torch.equal(model.blocks_a[1].attn.qkv.weight, sd["blocks.1.attn.qkv.weight"])
+        assert torch.equal(model.blocks_u[0].mlp.fc1.weight, sd["blocks.2.mlp.fc1.weight"])
+        assert torch.equal(model.patch_embed_v.proj.weight, sd["patch_embed.proj.weight"])
+        assert torch.equal(model.norm_a.weight, sd["norm.weight"])
+        assert torch.equal(model.pos_embed_v, sd["pos_embed"][:, 1:])
+        assert torch.equal(model.decoder_pred_v.weight, fresh_pred)

@@ -4,7 +4,8 @@
   from DataParallel / DDP). Audio position tables of another length (1024 vs 416 frames) are
   regenerated, not loaded: they are deterministic sin-cos values.
 * `load_mae`: an ImageNet MAE ViT checkpoint WITH decoder (`mae_pretrain_vit_base_full.pth`),
-  mapped as CAV-MAE's `adapt_vmae_weights.py` does.
+  mapped as CAV-MAE's `adapt_vmae_weights.py` does, or the encoder-only layout of timm's
+  `vit_base_patch16_224.mae` (decoder left at init).
 * `export_official` / `save_official`: our state dict in the official key layout (optionally
   `module.`-prefixed) as a .pth (a plain dict of tensors) or .safetensors file.
 
@@ -237,15 +238,35 @@ def map_mae_state_dict(mae: Mapping[str, torch.Tensor], model: CAVMAE,
     return out, expected, sorted(set(used)), skipped
 
 
+def is_encoder_only_mae(mae: Mapping[str, torch.Tensor]) -> bool:
+    """A MAE ViT encoder without decoder: timm's `vit_*.mae` state dicts / model.safetensors."""
+    return "patch_embed.proj.weight" in mae and not any(k.startswith("decoder_") or k == "mask_token" for k in mae)
+
+
 def load_mae(model: CAVMAE, source: Source, strict: bool = False, cls_from_mae: bool = False) -> LoadReport:
     """Initialise from an ImageNet MAE checkpoint with decoder; returns the report.
 
     missing = keys the mapping should fill but the checkpoint lacks; unexpected = MAE keys that the
     mapping does not use; kept_init = model keys that keep their fresh init by design (modality
     embeddings, _a/_v norms of non-unified blocks, registers, CLS, contrastive heads).
+
+    Accepted layouts: MAE's `mae_pretrain_vit_base_full.pth` (encoder + decoder, CAV-MAE's init) and
+    the encoder-only layout of timm's `vit_base_patch16_224.mae` (`.safetensors` from the HF hub or a
+    saved `state_dict()`; same encoder key names), whose decoder keeps its init (warned, listed in
+    `skipped`). Files are read with safetensors or `torch.load(weights_only=True)`, never unpickled.
     """
     name, mae, skipped = _tensors(source)
     mapped, expected, used, skipped_by_design = map_mae_state_dict(mae, model, cls_from_mae)
+    if is_encoder_only_mae(mae):
+        # timm's `vit_base_patch16_224.mae` (HF hub timm/vit_base_patch16_224.mae, model.safetensors)
+        # and MAE's own mae_pretrain_vit_base.pth: the same encoder keys, no decoder. The decoder
+        # keeps its fresh init; said in the report, not counted as missing.
+        decoder = {k for k in expected if k.startswith("decoder_") or k == "mask_token"}
+        expected -= decoder
+        skipped_by_design.append(f"decoder ({len(decoder)} tensors keep their init: encoder-only MAE checkpoint, "
+                                 "e.g. timm's vit_base_patch16_224.mae)")
+        warnings.warn(f"{name}: encoder-only MAE checkpoint (timm layout); the decoder keeps its fresh init, "
+                      "unlike CAV-MAE's init from mae_pretrain_vit_base_full.pth", stacklevel=2)
     report = LoadReport(name, skipped=skipped + skipped_by_design)
     report.unexpected.extend(sorted(set(mae) - set(used)))
     return _apply(model, report, mapped, strict, expected=expected)
