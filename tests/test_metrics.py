@@ -47,7 +47,7 @@ class FakeLoader:
 
 
 def test_mfu_arithmetic_on_known_numbers():
-    # 0.58 TFLOP/sample (systems.md E, TG-DP step) at 200 samples/s on an A100 (312 TFLOP/s)
+    # 0.58 TFLOP/sample (the TG-DP step's cost at ViT-B) at 200 samples/s on an A100 (312 TFLOP/s)
     assert mfu_pct(0.58e12, 200.0, 312e12) == pytest.approx(100 * 0.58e12 * 200 / 312e12)
     assert mfu_pct(1e12, 100.0, 200e12) == pytest.approx(50.0)
 

@@ -2,7 +2,7 @@
 
 Every metric name carries its unit (`perf/samples_per_s`, `perf/mfu_pct`, `mem/peak_gib`), and MFU
 comes from an explicit peak-FLOPs table (torchtitan's `tools/utils.py::get_peak_flops` values,
-bf16 dense) so that "is sharding worth it" is measured, not assumed (systems.md E, item 7).
+bf16 dense) so that "is sharding worth it" is measured, not assumed.
 
 `MetricLogger` writes each record three ways on rank 0: `metrics.jsonl` in the run dir (tests and
 the quick-start read losses without wandb), wandb (offline unless WANDB_MODE says otherwise, so no

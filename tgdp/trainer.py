@@ -53,8 +53,8 @@ _DEVICE_GUARD_NEEDS = ("nonfinite_guard=device needs torch's fused AdamW (optim.
 class InitConfig:
     """Where the student's weights come from before step 0 (the teacher starts equal to it)."""
 
-    mae_checkpoint: str = ""  # ImageNet MAE ViT-B with decoder (method.md 4.3)
-    official_checkpoint: str = ""  # CAV-MAE / CAV-MAE Sync / TG-DP release (method.md 6)
+    mae_checkpoint: str = ""  # ImageNet MAE ViT-B with decoder (docs/method.md 4.3)
+    official_checkpoint: str = ""  # CAV-MAE / CAV-MAE Sync / TG-DP release (docs/method.md 6)
     strict: bool = False  # raise on missing / unexpected keys instead of reporting them
 
 

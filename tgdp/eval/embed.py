@@ -1,4 +1,4 @@
-"""Embeddings of an eval shard set under a retrieval protocol, split across ranks (method.md 5.1).
+"""Embeddings of an eval shard set under a retrieval protocol, split across ranks (docs/method.md 5.1).
 
 Protocols (`EmbedConfig.protocol`):
 
@@ -71,15 +71,18 @@ class EmbedConfig:
         require(bool(self.shards.strip()), "data.shards is required: the eval shard folder(s) holding index.json")
         for part in (p.strip() for p in self.shards.split(",") if p.strip()):
             require(Path(part).is_dir() and (Path(part) / "index.json").is_file(),
-                    f"data.shards: {part} is not a shard folder (no index.json); build one with data_tools/make_shards.py")
+                    f"data.shards: {part} is not a shard folder (no index.json); build one with "
+                    "data_tools/make_shards.py")
         require(self.protocol in PROTOCOLS, f"data.protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         require(self.pooling in POOLINGS, f"data.pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        require(-1 <= self.frame < self.num_frames, f"data.frame must be -1 (the frame nearest the clip's centre) or in "
-                f"0..{self.num_frames - 1}, got {self.frame}")
+        require(-1 <= self.frame < self.num_frames,
+                f"data.frame must be -1 (the frame nearest the clip's centre) or in 0..{self.num_frames - 1}, "
+                f"got {self.frame}")
         require(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
         require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         require(self.max_clips >= 0, f"data.max_clips must be >= 0 (0 = all), got {self.max_clips}")
-        require(self.precision in PRECISIONS, f"data.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        require(self.precision in PRECISIONS,
+                f"data.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
 
     @property
     def feature(self) -> str:

@@ -15,7 +15,7 @@ Model geometry: our run dirs and checkpoints record their training config, whose
 wins (a mismatch would only produce a load error). Exports found next to such a config
 (`<run>/export/`, `<run>/checkpoints/step_<N>/`) use it too. For official files and stray exports
 the caller's `model` config (a model preset, e.g. `cavmae`, or `model.*` overrides) describes it.
-Which weights of our checkpoints: `student` (default: what the paper evaluates, method.md 2.5) or
+Which weights of our checkpoints: `student` (default: what the paper evaluates, docs/method.md 5.1) or
 the EMA `teacher`.
 """
 

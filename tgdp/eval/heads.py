@@ -1,4 +1,4 @@
-"""The two probe heads trained on frozen, cached encoder features (method.md 5.2, P4).
+"""The two probe heads trained on frozen, cached encoder features (docs/method.md 5.2).
 
 Inputs are per-time-step global vectors `[B, T, D_in]` (T = 16 frame / audio-window pairs): for
 the audio-visual probe D_in = 2D, the concatenation [audio CLS_k || visual CLS_k]; audio-only and

@@ -1,5 +1,5 @@
 """Frozen-encoder classification: attention probe (the paper's) or a true linear probe on cached
-features, audio-visual / audio-only / visual-only, BCE -> mAP or softmax CE -> top-1 (method.md 5.2).
+features, audio-visual / audio-only / visual-only, BCE -> mAP or softmax CE -> top-1 (docs/method.md 5.2).
 
     python -m tgdp.eval.probe --config as20k --checkpoint runs/base --train data/as20k_train --test data/as_eval
     python -m tgdp.eval.probe --config vggsound --train feats/train.safetensors --test feats/test.safetensors

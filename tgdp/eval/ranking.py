@@ -1,4 +1,4 @@
-"""Retrieval similarity and metrics (method.md 5.1): diagonal-mean cosine, ranks of the true match,
+"""Retrieval similarity and metrics (docs/method.md 5.1): diagonal-mean cosine, ranks of the true match,
 R@K and median rank, computed in tiles so a 20k x 20k evaluation never holds the full matrix.
 
 Embeddings are `[N, F, D]`: N clips, F time-aligned (frame k, audio window k) pairs, D channels,

@@ -1,4 +1,4 @@
-"""Zero-shot audio-visual retrieval of a checkpoint on an eval shard set (method.md 5.1).
+"""Zero-shot audio-visual retrieval of a checkpoint on an eval shard set (docs/method.md 5.1).
 
     python -m tgdp.eval.retrieval --checkpoint runs/base --shards data/vgg_retrieval --output runs/base/eval
     python -m tgdp.eval.retrieval --config cavmae --checkpoint cav-mae-base.pth --shards data/as_retrieval

@@ -1,7 +1,7 @@
 """`TGDPTask`: student + EMA teacher + the TG-DP training step (the dinov3 "meta-architecture").
 
 This is the only place that knows what TG-DP is. One call of `forward` is one micro-batch of the
-training step (method.md 3.1, reconstructed order):
+training step (docs/method.md 3.1, reconstructed order):
 
     (1) teacher pass, no grad, full view  -> per-patch priorities (ORIGINAL patch indices) + CLS
         ranks = rank_patches(priorities)  (deterministic / Gumbel / random, seeded generator)
@@ -326,8 +326,8 @@ class TGDPTask(nn.Module):
         graph of the distillation loss, which inference tensors may not.
 
         Sharded teachers: FSDP2 keeps the ROOT module's parameters gathered after its forward,
-        expecting a backward that never comes for an inference-only model (systems.md B2,
-        pytorch#154655). So a teacher that has `reshard()` (an FSDPModule) is resharded here:
+        expecting a backward that never comes for an inference-only model (pytorch#154655).
+        So a teacher that has `reshard()` (an FSDPModule) is resharded here:
         that frees the gathered copy and leaves the sharded fp32 parameters for the EMA update.
         Duck-typed, so this module stays free of FSDP imports.
         """
