@@ -23,5 +23,6 @@ bash slurm/local_cluster.sh install
 
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -qq --disable-pip-version-check -e '.[dev]'
+# constraints.txt fixes every transitive version to the tested set (.ci/freeze_constraints.py writes it).
+.venv/bin/python -m pip install -qq --disable-pip-version-check -c constraints.txt -e '.[dev]'
 .venv/bin/python -c "import tgdp, torch, torchaudio, av, webdataset, decord, deepspeed, accelerate, submitit, wandb, timm; print('tgdp set-up OK: torch', torch.__version__)"
