@@ -25,4 +25,5 @@ PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # constraints.txt fixes every transitive version to the tested set (.ci/freeze_constraints.py writes it).
 .venv/bin/python -m pip install -qq --disable-pip-version-check -c constraints.txt -e '.[dev]'
-.venv/bin/python -c "import tgdp, torch, torchaudio, av, webdataset, decord, deepspeed, accelerate, submitit, wandb, timm; print('tgdp set-up OK: torch', torch.__version__)"
+.venv/bin/python -c "import tgdp, torch, torchaudio, av, webdataset, deepspeed, accelerate, submitit, wandb; print('tgdp set-up OK: torch', torch.__version__)"
+.venv/bin/python -c "import pytest, decord, timm"  # the test extras (.[dev])
