@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> None:
                         "student and teacher before sharding them (~5 GB at depth 24), so 4 ranks of the full "
                         "preset need ~20 GB of host memory at start-up")
     parser.add_argument("--large-backends", default="fsdp2,zero3")
+    parser.add_argument("--large-override", action="append", default=[], metavar="FIELD=VALUE",
+                        help="extra training override of the large runs, e.g. parallel.deepspeed_config=... with a "
+                        "lower ZeRO-3 stage3_max_live_parameters on a small host")
     args = parser.parse_args(argv)
     from tgdp.data.synthetic import make_corpus
 
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
             print("|---|---|---|---|---|")
             for backend in [b for b in args.large_backends.split(",") if b]:
                 rows, wall = run_job(shards, work / f"large_{backend}", 2, args.large_procs, backend, args.large_steps,
-                                     [*TINY_INPUTS, *depth], preset="large")
+                                     [*TINY_INPUTS, *depth, *args.large_override], preset="large")
                 peak = max(r.get("mem/peak_gib", 0.0) for r in rows)
                 print(f"| {backend} | {steady(rows, 1, 'perf/step_time_s'):.2f} | "
                       f"{steady(rows, 1, 'perf/samples_per_s'):.2f} | {peak:.2f} | {wall:.0f} |", flush=True)
