@@ -337,7 +337,9 @@ def _watch_in_process(ref: "weakref.ref[_InProcessWatch]") -> None:
                       "the read: exiting without a checkpoint", watch.report(time.monotonic() - since))
             logging.shutdown()
             os._exit(EXIT_DATA_STALL)
-        del watch
+        del watch  # no strong reference while waiting: the loader can go and end this thread
+        # A poll, not an event: the read being watched blocks the training thread itself, so
+        # nothing can signal; the period bounds how late past data.wait_timeout_s the exit comes.
         time.sleep(min(WAIT_POLL_S, bound))
 
 

@@ -18,6 +18,7 @@ DeepSpeed engine (zero2 / zero3), which clips, decides and skips inside its own 
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
@@ -25,13 +26,13 @@ import torch
 from torch import nn
 
 from tgdp.checkpoint.stateful import OptimizerState
-from tgdp.parallel.zero_state import ZeroEngineState, ZeroModelState, ZeroOptimizerState
 from tgdp.nonfinite import NonFiniteGuard, supports_device_skip
 from tgdp.optim import OptimConfig, build_optimizer
 from tgdp.parallel.config import SHARDED_BACKENDS, ParallelConfig
 from tgdp.parallel.dist import DistEnv
 from tgdp.parallel.state import verify_sharding
 from tgdp.parallel.wrap import backward, gradient_sync, optimizer_step, shard_student, shard_teacher
+from tgdp.parallel.zero_state import ZeroEngineState, ZeroModelState, ZeroOptimizerState
 
 log = logging.getLogger("tgdp.parallel")
 
@@ -46,11 +47,12 @@ class StepDecision:
     applied: Union[bool, torch.Tensor]
 
 
-class TrainingBackend:
+class TrainingBackend(ABC):
     """The student and teacher as one backend trains them (see the module docstring)."""
 
-    #: Checkpoint entries of this backend that a checkpoint of another backend may lack.
-    optional_entries: tuple[str, ...] = ()
+    #: Checkpoint entries of this backend that a checkpoint of another backend may lack, and what
+    #: loading without them means (logged as a warning, with the checkpoint's name for `{}`).
+    optional_entries: dict[str, str] = {}
 
     def __init__(self, cfg: ParallelConfig, student: nn.Module, teacher: Optional[nn.Module], wrapped: Any,
                  optimizer: torch.optim.Optimizer):
@@ -67,28 +69,25 @@ class TrainingBackend:
         with gradient_sync(self.wrapped, enabled=last or not self.cfg.defer_grad_sync):
             backward(self.wrapped, loss, boundary=last)
 
+    @abstractmethod
     def step(self, losses: list[torch.Tensor], guard: NonFiniteGuard, grad_clip: float) -> StepDecision:
         """Clip, decide apply-or-skip (a non-finite loss or norm skips), update, clear the gradients."""
-        raise NotImplementedError
 
     def model_states(self, models: dict[str, nn.Module]) -> dict[str, Any]:
         """The models as checkpoints and the export read them."""
         return dict(models)
 
+    @abstractmethod
     def checkpoint_state(self, models: dict[str, nn.Module]) -> dict[str, Any]:
         """The models plus the optimizer (and engine) state, as checkpoint entries."""
-        raise NotImplementedError
 
     def drop_missing_entries(self, state: dict[str, Any], saved: set[str], checkpoint: str) -> None:
         """Before loading `checkpoint`, whose entries are `saved`: leave out this backend's optional
         entries that a checkpoint of another backend does not have."""
-        for name in self.optional_entries:
+        for name, meaning in self.optional_entries.items():
             if name in state and name not in saved:
                 del state[name]
-                self._note_missing(name, checkpoint)
-
-    def _note_missing(self, name: str, checkpoint: str) -> None:
-        pass
+                log.warning(meaning.format(checkpoint))
 
 
 class TorchBackend(TrainingBackend):
@@ -120,7 +119,10 @@ class ZeroBackend(TrainingBackend):
     clears its gradient partitions inside `step()` (its overflow check, DeepSpeed's default for
     fp32 and bf16), and reports the decision through `was_step_applied()`."""
 
-    optional_entries = ("engine",)
+    # Written by a DDP / FSDP2 / none run: same names and layouts for weights and AdamW, only
+    # DeepSpeed's own counters are absent (they restart; the trainer's step does not).
+    optional_entries = {"engine": "{} was written without a DeepSpeed engine (backend changed on resume): weights, "
+                                  "teacher and AdamW state load by name; DeepSpeed's step counters restart"}
 
     def step(self, losses: list[torch.Tensor], guard: NonFiniteGuard, grad_clip: float) -> StepDecision:
         optimizer_step(self.wrapped, self.optimizer)
@@ -134,12 +136,6 @@ class ZeroBackend(TrainingBackend):
     def checkpoint_state(self, models: dict[str, nn.Module]) -> dict[str, Any]:
         return {**self.model_states(models), "optim": ZeroOptimizerState(self.wrapped),
                 "engine": ZeroEngineState(self.wrapped)}
-
-    def _note_missing(self, name: str, checkpoint: str) -> None:
-        # Written by a DDP / FSDP2 / none run: same names and layouts for weights and AdamW, only
-        # DeepSpeed's own counters are absent (they restart; the trainer's step does not).
-        log.warning("%s was written without a DeepSpeed engine (backend changed on resume): weights, teacher and "
-                    "AdamW state load by name; DeepSpeed's step counters restart", checkpoint)
 
 
 def build_backend(cfg: ParallelConfig, env: DistEnv, student: nn.Module,
