@@ -218,7 +218,7 @@ def test_pickle_payloads_are_refused(tmp_path: Path) -> None:
 def test_mae_init_from_timm_layout(tmp_path: Path) -> None:
     """timm's `vit_base_patch16_224.mae` layout (a tiny ViT of the same architecture, built by timm,
     no download): encoder loads strictly from .safetensors and .pth, the decoder keeps its init."""
-    timm = pytest.importorskip("timm")
+    import timm  # a test extra (.[dev]), installed by the set-up command
     from safetensors.torch import save_file
 
     vit = timm.create_model("vit_base_patch16_224.mae", pretrained=False, embed_dim=64, depth=3, num_heads=4,

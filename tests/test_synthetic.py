@@ -8,10 +8,9 @@ import sys
 from pathlib import Path
 
 import av
+import decord  # a test extra (.[dev]): an independent second decoder of the files
 import numpy as np
 import pytest
-
-decord = pytest.importorskip("decord")  # test extra (.[dev]): an independent second decoder of the files
 
 from tgdp.data.synthetic import (
     ODD_INPUTS,
