@@ -118,9 +118,8 @@ def _main(argv: Sequence[str] | None, stop: StopRequested) -> int:
         if not lost:
             raise
         return _peer_lost(trainer, cfg, exc, lost)
-    finally:
-        if not lost:  # a group with a lost rank is left as it is: the process ends
-            trainer.close(wait_for_peers=agreed_end)
+    finally:  # a group with a lost rank is left as it is: the process ends
+        trainer.close(wait_for_peers=agreed_end, leave_group=not lost)
     if summary["stopped_by"] and summary["step"]:
         log.info("stopped at step %d by %s; a checkpoint was written, re-run to resume", summary["step"],
                  summary["stopped_by"])

@@ -326,11 +326,15 @@ class Trainer:
         every other rank is alive or failing too (tgdp/parallel/watchdog.py)."""
         return self.peers.lost_peers() if self.peers is not None else ""
 
-    def close(self, wait_for_peers: bool = False) -> None:
-        """Leave the process group (after a barrier when every rank is known to end together)."""
-        if self.peers is not None:
-            self.peers.stop()
-        P.destroy_distributed(wait_for_peers=wait_for_peers)
+    def close(self, wait_for_peers: bool = False, leave_group: bool = True) -> None:
+        """Stop the heartbeat and leave the process group (after a barrier when every rank is
+        known to end together). leave_group=False after a lost rank: the group is left as it is
+        and the process ends."""
+        if self.peers is not None and not self.peers.stop():
+            log.warning("rank %d: the peer heartbeat is still inside a store call (the store may be gone); "
+                        "the process may abort while it exits", self.env.rank)
+        if leave_group:
+            P.destroy_distributed(wait_for_peers=wait_for_peers)
 
     # ------------------------------------------------------------------ the loop
     def _batches(self) -> Iterator[dict[str, Any]]:

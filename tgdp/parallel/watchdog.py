@@ -49,9 +49,17 @@ class PeerWatch:
     def _write(self, state: str) -> None:
         self._store.set(KEY.format(self.rank), f"{time.time():.3f} {self.step} {state}")
 
-    def stop(self) -> None:
-        """No more beats (the rank leaves the process group)."""
+    def stop(self, wait_s: float | None = None) -> bool:
+        """No more beats (the rank leaves the process group); returns whether the beating thread
+        ended within `wait_s` (default: two beat intervals).
+
+        Why wait: a beat is a store call in C++ with the GIL released. A daemon thread that comes
+        back from one while the interpreter shuts down is ended by a forced unwind that C++
+        frames cannot pass, and the whole process aborts ('terminate called without an active
+        exception', SIGABRT) after a run that finished cleanly."""
         self._stopped.set()
+        self._thread.join(2 * self.interval if wait_s is None else wait_s)
+        return not self._thread.is_alive()
 
     def _beat(self) -> None:
         while not (self._failing.is_set() or self._stopped.is_set()):
