@@ -162,10 +162,10 @@ def shard_group_size(cfg: ParallelConfig, env: DistEnv) -> int:
 def destroy_distributed(wait_for_peers: bool = False) -> None:
     """Tear the process group down; wait_for_peers first meets every rank at a barrier.
 
-    Why the barrier on a clean exit: a rank that destroys its gloo group while a peer is still
-    exchanging with it (the tail of an async reduce-scatter, a late all-gather) can take the peer's
-    transport thread down with it, and the peer aborts ('terminate called without an active
-    exception', seen under load on 2 CPU ranks). Never wait after a failure: the peer may be gone.
+    Why the barrier on a clean exit: no rank closes its connections while a peer may still be
+    exchanging with it (the tail of an async reduce-scatter, a late all-gather), which would fail
+    the peer's collective. Never wait after a failure: the peer may be gone. (The heartbeat thread
+    is stopped before this: tgdp/parallel/watchdog.py, PeerWatch.stop.)
     """
     if dist.is_initialized():
         if wait_for_peers:
