@@ -36,6 +36,17 @@ TINY_INPUTS = ["model.audio_frames=128", "data.audio_frames=128", "model.image_s
                "model.mel_bins=128", "parallel.mixed_precision=fp32", "device=cpu", "data.samples_per_epoch=4096"]
 
 
+def small_shards(work: Path) -> Path:
+    """16 synthetic 4 s clips in 4 shards under work/shards (the runs here time the model, not data)."""
+    from tgdp.data.synthetic import make_corpus
+
+    manifest = make_corpus(work / "corpus", num_clips=16, num_classes=4, duration=4.0, seed=11, workers=2)
+    subprocess.run([sys.executable, str(REPO / "data_tools" / "make_shards.py"), "--input", str(manifest),
+                    "--output", str(work / "shards"), "--workers", "2", "max_samples_per_shard=4",
+                    "progress=false"], check=True, capture_output=True)
+    return work / "shards"
+
+
 def ensure_cluster() -> None:
     if subprocess.run(["bash", str(CLUSTER), "status", "--nodes", "2"], capture_output=True).returncode:
         subprocess.run(["bash", str(CLUSTER), "start", "--nodes", "2"], check=True)
@@ -94,16 +105,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="extra training override of the large runs, e.g. parallel.deepspeed_config=... with a "
                         "lower ZeRO-3 stage3_max_live_parameters on a small host")
     args = parser.parse_args(argv)
-    from tgdp.data.synthetic import make_corpus
-
     ensure_cluster()
     with tempfile.TemporaryDirectory(prefix="bench_multinode_", dir="/tmp") as tmp:
         work = Path(tmp)
-        manifest = make_corpus(work / "corpus", num_clips=16, num_classes=4, duration=4.0, seed=11, workers=2)
-        subprocess.run([sys.executable, str(REPO / "data_tools" / "make_shards.py"), "--input", str(manifest),
-                        "--output", str(work / "shards"), "--workers", "2", "max_samples_per_shard=4",
-                        "progress=false"], check=True, capture_output=True)
-        shards = work / "shards"
+        shards = small_shards(work)
         print(f"tiny preset, batch 4 per rank, 4 ranks (global batch 16), {args.steps} steps, median of the steps "
               f"after {args.warmup}; cpus={os.cpu_count()} load1={os.getloadavg()[0]:.2f}")
         print("| backend | 1 node x 4: samples/s | 2 nodes x 2: samples/s | 2 nodes / 1 node | step s (1 / 2 nodes) |")

@@ -433,6 +433,8 @@ def test_meta_models_are_refused_before_any_collective() -> None:
     ("mixed_precision", "fp16", "parallel.mixed_precision"),
     ("shard_group_size", 4, "parallel.shard_group_size"),
     ("deepspeed_config", "ds_configs/zero3.json", "parallel.deepspeed_config"),
+    ("host_mmap_threshold_kib", -1, "parallel.host_mmap_threshold_kib"),
+    ("host_mmap_threshold_kib", 32769, "parallel.host_mmap_threshold_kib"),
 ])
 def test_config_errors_name_the_field(field: str, value, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):

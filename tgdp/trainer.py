@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from tgdp import parallel as P
 from tgdp.parallel.backend import build_backend
+from tgdp.parallel.host_memory import fix_mmap_threshold
 from tgdp.parallel.watchdog import PeerWatch
 from tgdp.checkpoint import CheckpointConfig, CheckpointManager
 from tgdp.checkpoint.files import read_json
@@ -206,6 +207,9 @@ class Trainer:
         device = None if cfg.device == "auto" else cfg.device
         self.env = P.init_distributed(init_method=init_method, device=device, timeout_s=cfg.parallel.timeout_s)
         self.peers = PeerWatch.start(self.env.rank, self.env.world_size, cfg.parallel.timeout_s)
+        allocator = fix_mmap_threshold(cfg.parallel.host_mmap_threshold_kib)
+        if self.env.is_main:
+            log.info("host allocator: mmap threshold %s", allocator)
         self.device = self.env.device
         # The SAME seed on every rank: each rank builds the full student before sharding and keeps
         # its own slice, so all ranks must build identical weights (DDP / DeepSpeed would broadcast
