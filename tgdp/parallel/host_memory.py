@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
 import os
-
-log = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 ENV = "MALLOC_MMAP_THRESHOLD_"  # glibc's own environment variable for the same setting
