@@ -1,5 +1,5 @@
 """glibc's mmap threshold fixed by the trainer (tgdp/parallel/host_memory.py), observed through
-glibc's own accounting (mallinfo2) in fresh processes."""
+glibc's own accounting (mallinfo2) in fresh processes. Linux with glibc, like the rest of the suite."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-
-import pytest
 
 # After a 16 MiB block is freed, glibc has raised its mmap threshold to 16 MiB; is a following
 # 2 MiB block then served by its own mapping (`hblkhd` grows) or from the heap?
@@ -39,8 +37,6 @@ def probe(kib: int, **env: str) -> list[str]:
                          env={**os.environ, **env}, timeout=120)
     return out.stdout.splitlines()
 
-
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 
 
 def test_a_fixed_threshold_keeps_large_blocks_mapped_after_glibc_would_have_raised_it():

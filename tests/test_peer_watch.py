@@ -7,7 +7,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import time
 
 import torch.distributed as dist
 
@@ -16,16 +15,18 @@ from tgdp.parallel.watchdog import PeerWatch
 # A store whose `set` spends `busy_s` in real C++ store calls (GIL released, as in a store under
 # load) before it writes: the window in which an interpreter shutdown used to abort the process.
 SLOW_STORE = textwrap.dedent("""
+    import threading
     import time
     import torch.distributed as dist
 
     class SlowStore:
         def __init__(self, busy_s):
-            self.store, self.busy_s, self.entered = dist.TCPStore("127.0.0.1", 0, 1, True), busy_s, 0.0
+            self.store, self.busy_s, self.entered = dist.TCPStore("127.0.0.1", 0, 1, True), busy_s, threading.Event()
 
         def set(self, key, value):
-            self.entered = time.monotonic()
-            while time.monotonic() - self.entered < self.busy_s:
+            start = time.monotonic()
+            self.entered.set()  # from here until the write, the beat is inside the store
+            while time.monotonic() - start < self.busy_s:
                 self.store.check([key])
             self.store.set(key, value)
 """)
@@ -47,9 +48,7 @@ def test_a_process_that_exits_while_its_heartbeat_is_in_a_store_call_exits_clean
 
         store = SlowStore(busy_s=0.6)
         watch = PeerWatch(rank=0, world_size=2, timeout_s=1.0, store=store)  # beats every 0.5 s
-        while not store.entered:
-            time.sleep(0.01)
-        time.sleep(0.1)  # the first beat is inside the store now
+        assert store.entered.wait(10), "the heartbeat never beat"
         ended = watch.stop()
         print("ended", ended, flush=True)
         sys.exit(0)
@@ -63,10 +62,7 @@ def test_a_process_that_exits_while_its_heartbeat_is_in_a_store_call_exits_clean
 def test_stop_reports_a_heartbeat_stuck_in_the_store_and_a_later_stop_waits_it_out():
     store = _slow_store(busy_s=1.5)
     watch = PeerWatch(rank=0, world_size=2, timeout_s=1.0, store=store)
-    deadline = time.monotonic() + 10
-    while not store.entered:
-        assert time.monotonic() < deadline, "the heartbeat never beat"
-        time.sleep(0.01)
+    assert store.entered.wait(10), "the heartbeat never beat"
     assert watch.stop(wait_s=0.1) is False  # still inside the store call
     assert watch.stop(wait_s=10) is True
     assert store.store.get("tgdp/peer/0").decode().endswith(" 0 running")
