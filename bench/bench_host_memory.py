@@ -5,7 +5,7 @@ threshold tgdp fixes (`parallel.host_mmap_threshold_kib`, default 1024), in the 
 Each side is one torchrun of `tgdp/train.py` (gloo ranks on this host; the large preset at a
 reduced depth and the tiny preset's input sizes by default, so model state dominates), the same
 command but for the threshold. Per side: the highest peak resident memory of any rank (the
-kernel's VmHWM, read until the rank exits) and the median step time after the first step; then
+kernel's high-water mark, which Linux hands up to each parent that reaps a process) and the median step time after the first step; then
 the ratios fixed / moving.
 
     python bench/bench_host_memory.py [--backend zero3] [--nproc 2] [--depth 6] [--steps 4]
@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,20 +30,15 @@ from bench.bench_multinode import TINY_INPUTS, small_shards  # noqa: E402
 GIB = 1024 ** 3
 
 
-def peak_rss_of_children(parent: int) -> dict[int, int]:
-    """VmHWM (bytes) of each process whose parent is `parent` (torchrun's ranks), as read now."""
-    peaks = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            status = (entry / "status").read_text()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        if int(fields.get("PPid", "0").strip() or 0) == parent and "VmHWM" in fields:
-            peaks[int(entry.name)] = int(fields["VmHWM"].split()[0]) * 1024
-    return peaks
+# Runs a command and prints the highest peak RSS (KiB) of any process below it: Linux folds a
+# reaped child's peak, and the peaks of the children it reaped, into its parent's RUSAGE_CHILDREN,
+# so torchrun's ranks reach this wrapper exactly, and no earlier run of the benchmark does.
+PEAK_OF_DESCENDANTS = (
+    "import resource, subprocess, sys\n"
+    "code = subprocess.call(sys.argv[2:])\n"
+    "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n"
+    "sys.exit(code)\n"
+)
 
 
 def run(shards: Path, run_dir: Path, args: argparse.Namespace, threshold_kib: int) -> tuple[float, float]:
@@ -61,18 +55,15 @@ def run(shards: Path, run_dir: Path, args: argparse.Namespace, threshold_kib: in
         command += [f"model.depth={args.depth}", f"model.modality_specific_depth={args.depth - 1}"]
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
     env.update(PYTHONPATH=str(REPO), WANDB_MODE="offline", OMP_NUM_THREADS=str(args.threads))
-    log = open(f"{run_dir}.log", "w")
-    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    peaks: dict[int, int] = {}
-    while proc.poll() is None:
-        peaks.update(peak_rss_of_children(proc.pid))
-        time.sleep(0.2)
-    log.close()
-    if proc.returncode:
-        raise SystemExit(f"torchrun exited {proc.returncode}: {Path(f'{run_dir}.log').read_text()[-3000:]}")
+    peak_file = Path(f"{run_dir}.peak_kib")
+    with open(f"{run_dir}.log", "w") as log:
+        code = subprocess.call([sys.executable, "-c", PEAK_OF_DESCENDANTS, str(peak_file), *command], env=env,
+                               stdout=log, stderr=subprocess.STDOUT)
+    if code:
+        raise SystemExit(f"torchrun exited {code}: {Path(f'{run_dir}.log').read_text()[-3000:]}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r["perf/step_time_s"] for r in rows if "perf/step_time_s" in r and r["step"] > 1]
-    return max(peaks.values()) / GIB, statistics.median(steps)
+    return int(peak_file.read_text()) * 1024 / GIB, statistics.median(steps)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -90,8 +90,9 @@ class ParallelConfig:
     # Host allocator (glibc): blocks of at least this many KiB get their own mapping and go back
     # to the OS when freed. glibc's own threshold moves up to 32 MiB during a run, after which the
     # per-module gathers and buckets of a sharded step fragment the heap (large preset, ZeRO-3 on
-    # the CPU: 6.3 -> 3.9 GiB per rank; tgdp/parallel/host_memory.py). 0 = glibc's default; an
-    # explicit MALLOC_MMAP_THRESHOLD_ in the environment wins.
+    # the CPU: 6.4 -> 3.9 GiB per rank, steps up to ~1.3x slower; tgdp/parallel/host_memory.py).
+    # 0 = glibc's default (when memory is not the limit); an explicit MALLOC_MMAP_THRESHOLD_ in
+    # the environment wins.
     host_mmap_threshold_kib: int = 1024
 
     def validate(self) -> None:

@@ -7,9 +7,9 @@ and frees thousands of blocks between a few KiB and tens of MiB (per-module para
 reduce-scatter buckets, activations), so after the first free most of them land in the heap and
 fragment it: the process holds far more than its tensors. On the CPU the model state lives in
 that heap too. Measured (docs/benchmarks.md, "Host memory"), the large preset at depth 6 on 2
-CPU ranks, peak per rank with glibc's moving threshold and with a fixed 1 MiB one: ZeRO-3 6.3 and
-3.9 GiB (its step 1.12x slower: freed blocks are mapped again), FSDP2 3.5 and 2.7 GiB (same step
-time). Setting the threshold with mallopt also stops glibc from moving it.
+CPU ranks, peak per rank with glibc's moving threshold and with a fixed 1 MiB one: ZeRO-3 6.4 and
+3.9 GiB, FSDP2 3.5 and 2.7 GiB. The price: freed blocks are mapped again, and the step took
+0.96x-1.29x as long across runs. Setting the threshold with mallopt also stops glibc from moving it.
 """
 
 from __future__ import annotations
